@@ -178,7 +178,7 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
     )
-    max_shift = max(1, h // 8)
+    max_shift = max(1, h // 16)
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(images.device)

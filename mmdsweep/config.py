@@ -360,13 +360,31 @@ class ResourcesConfig:
 
 @dataclass
 class OutputConfig:
-    """Where runs and sweeps write (local path or, for sweeps on a cluster, s3://...)."""
+    """Where runs and sweeps write.
+
+    ``dir``/``name`` is the sweep's results directory (Parquet files, exports, report). Ray Tune's
+    own experiment state and checkpoints go to ``storage`` (a local path or a URI such as
+    ``s3://bucket/prefix`` on a cluster), by default ``<dir>/<name>/ray``.
+    ``checkpoints_to_keep`` bounds checkpoints per trial (null keeps all, so the best survives).
+    """
 
     dir: str = "results/default"
-    name: str | None = None
+    name: str = "sweep"
+    storage: str | None = None
+    checkpoints_to_keep: int | None = None
 
     def validate(self, where: str) -> None:
         _check(bool(self.dir), f"{where}.dir", "must not be empty")
+        _check(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            f"{where}.name",
+            f"must be a plain directory name, got {self.name!r}",
+        )
+        _check(
+            self.checkpoints_to_keep is None or self.checkpoints_to_keep >= 1,
+            f"{where}.checkpoints_to_keep",
+            f"must be >= 1 or null, got {self.checkpoints_to_keep}",
+        )
 
 
 @dataclass
@@ -494,7 +512,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value  # an int stays an int, so messages echo what the user wrote ("got -1")
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
             try:
                 return float(value)

@@ -119,7 +119,7 @@ def _checkpoint_from(reporter: Reporter) -> Iterator[Path | None]:
     got = reporter.latest_checkpoint_dir()
     if got is None:
         yield None
-    elif hasattr(got, "__enter__"):
+    elif not isinstance(got, (str, os.PathLike)):
         with got as d:
             yield Path(d) if d is not None else None
     else:
@@ -313,6 +313,44 @@ def _eval_on_main(setup: Setup, unet: torch.nn.Module) -> EvalResult | None:
     return res
 
 
+def mmd_loss(
+    setup: Setup,
+    unet: torch.nn.Module,
+    step: int,
+    timesteps: list[int],
+    spec: KernelSpec,
+    real_global: int,
+    *,
+    rank: int = 0,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The MMD-DDM objective of one step: unbiased MMD^2 between the features of T-step samples
+    (gathered over all workers, with gradients) and a real minibatch from the bank.
+
+    Worker ``rank`` generates global samples ``rank*b .. (rank+1)*b``, so N workers with batch b
+    compute the same loss as one process with batch N*b.
+    """
+    exp, den, ft, sc = setup.exp, setup.denoiser, setup.exp.finetune, setup.exp.sampler
+    shape = (den.channels, den.resolution, den.resolution)
+    noise = sample_noise(
+        shape, seed=ft.seed + exp.seed, step=step, start=rank * ft.batch_size, count=ft.batch_size, device=setup.device
+    )
+    gen = torch.Generator().manual_seed(ft.seed * 7919 + step * 4099 + rank)
+    x0 = sample(
+        den.eps_fn(unet),
+        noise.to(next(unet.parameters()).dtype),
+        den.schedule,
+        timesteps,
+        sampler=sc.name,
+        eta=sc.eta,
+        generator=gen,
+        checkpointing=sc.checkpointing,
+    )
+    fake = dist_utils.all_gather_with_grad(setup.train_space(x0.float()))
+    real_gen = torch.Generator().manual_seed(ft.seed * 104_729 + step)
+    real = setup.bank.sample(real_global, real_gen).to(setup.device)
+    return mmd2_unbiased(fake, real, spec, float64=exp.kernel.float64)
+
+
 def run_finetune(
     exp: Experiment,
     reporter: Reporter,
@@ -342,7 +380,6 @@ def run_finetune(
     optimizer = opt_cls(params, lr=ft.lr, betas=(ft.betas[0], ft.betas[1]), weight_decay=ft.weight_decay)
     spec = kernel_spec(exp)
     timesteps = select_timesteps(sc.timesteps, den.schedule.num_train_timesteps, sc.spacing)
-    shape = (den.channels, den.resolution, den.resolution)
     real_global = ft.real_batch_size or ft.batch_size * world
     ckpt_every = ft.checkpoint_every or ft.eval_every
 
@@ -368,25 +405,8 @@ def run_finetune(
     bandwidth = math.nan
     loss_val = math.nan
     for step in bar:
-        noise = sample_noise(
-            shape, seed=ft.seed + exp.seed, step=step, start=rank * ft.batch_size, count=ft.batch_size, device=device
-        )
-        gen = torch.Generator().manual_seed(ft.seed * 7919 + step * world + rank)
-        x0 = sample(
-            den.eps_fn(raw),
-            noise,
-            den.schedule,
-            timesteps,
-            sampler=sc.name,
-            eta=sc.eta,
-            generator=gen,
-            checkpointing=sc.checkpointing,
-        )
-        fake = dist_utils.all_gather_with_grad(setup.train_space(x0))
-        real_gen = torch.Generator().manual_seed(ft.seed * 104_729 + step)
-        real = setup.bank.sample(real_global, real_gen).to(device)
-        loss, info = mmd2_unbiased(fake, real, spec, float64=exp.kernel.float64)
         optimizer.zero_grad(set_to_none=True)
+        loss, info = mmd_loss(setup, raw, step, timesteps, spec, real_global, rank=rank)
         loss.backward()
         dist_utils.average_gradients(raw)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.grad_clip if ft.grad_clip else math.inf)

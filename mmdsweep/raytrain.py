@@ -322,6 +322,7 @@ def make_trial_trainable(
     if trial_cpus <= 0:
         raise ValueError("trial_cpus must be > 0 (Tune rejects CPU-less function trials)")
     base = dict(base_loop_config)
+    storage_path = _absolute(storage_path)
     resources = {"CPU": float(cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(gpus_per_worker)
@@ -464,6 +465,7 @@ def run_sweep(
     (``TUNE_GLOBAL_CHECKPOINT_S``; Tune's default adapts, at least 10 s).
     ``verbose`` is Tune's console verbosity (0 silent .. 2 default).
     """
+    storage_path = _absolute(storage_path)
     exp_dir = experiment_dir(storage_path, name)
     if experiment_checkpoint_s is not None:
         os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(experiment_checkpoint_s)
@@ -553,6 +555,12 @@ def _new_tuner(
             verbose=run_kwargs["verbose"],
         ),
     )
+
+
+def _absolute(path: str | Path) -> str:
+    """Local paths made absolute (Train workers run in another working directory); URIs kept."""
+    text = str(path)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
 def _ensure_sqlite_parent(url: str) -> None:

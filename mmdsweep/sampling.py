@@ -118,8 +118,8 @@ class NoiseSchedule:
     """Discrete variance-preserving noise schedule :math:`\\bar\\alpha_0 > \\dots > \\bar\\alpha_{N-1}`.
 
     Attributes:
-        alphas_cumprod: float64 tensor of shape ``(num_train_timesteps,)`` with values in (0, 1]; any floating
-            tensor is accepted and stored as a detached, contiguous float64 CPU copy.
+        alphas_cumprod: float64 tensor of shape ``(num_train_timesteps,)``, strictly decreasing in (0, 1); any
+            floating tensor is accepted and stored as a detached, contiguous float64 CPU copy.
         prediction_type: what the denoiser predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         final_alpha_cumprod: :math:`\\bar\\alpha` at the end of the chain (``t_prev < 0``); 1.0 is diffusers'
             ``set_alpha_to_one=True``, ``alphas_cumprod[0]`` is ``set_alpha_to_one=False``.
@@ -140,10 +140,12 @@ class NoiseSchedule:
         if ac.ndim != 1 or ac.numel() < 1:
             raise ValueError(f"alphas_cumprod shape={tuple(ac.shape)}: expected a non-empty 1-D tensor")
         ac = ac.detach().to(device="cpu", dtype=torch.float64).contiguous()
-        if not bool(torch.isfinite(ac).all()) or bool((ac <= 0).any()) or bool((ac > 1).any()):
+        if not bool(torch.isfinite(ac).all()) or bool((ac <= 0).any()) or bool((ac >= 1).any()):
             raise ValueError(
-                f"alphas_cumprod in [{ac.min().item()}, {ac.max().item()}]: expected finite values in (0, 1]"
+                f"alphas_cumprod in [{ac.min().item()}, {ac.max().item()}]: expected finite values in (0, 1)"
             )
+        if bool((ac[1:] >= ac[:-1]).any()):
+            raise ValueError("alphas_cumprod: expected strictly decreasing values (more noise at larger t)")
         object.__setattr__(self, "alphas_cumprod", ac)
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={self.prediction_type!r}: expected one of {PREDICTION_TYPES}")

@@ -106,3 +106,21 @@ def resolve_device(name: str) -> torch.device:
 def set_threads(n: int | None) -> None:
     if n is not None:
         torch.set_num_threads(n)
+
+
+def markdown_table(rows: list[dict[str, Any]], floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured Markdown table of dict rows (columns in first-seen order)."""
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(c for c in r if c not in cols)
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return "nan" if v != v else format(v, floatfmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

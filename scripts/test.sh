@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: set up (idempotent), lint, type-check, run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# headless Chromium renders the HTML report in tests/test_report.py
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium not found; tests/test_report.py needs it (apt-get install chromium)" >&2
+  fi
+fi
+.venv/bin/ruff check mmdsweep tests benchmarks
+.venv/bin/ruff format --check mmdsweep tests benchmarks
+.venv/bin/mypy mmdsweep
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "pytest collected no tests (exit 5)" >&2
+  exit 1
+fi
+exit "$rc"
