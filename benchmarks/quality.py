@@ -69,8 +69,11 @@ def main() -> int:
             row[f"KID[{name}]"] = res.per_space[name]["kid"]
         row["finetune_s"] = secs
         rows.append(row)
-        print(f"{method:>22} T={T:<3} train={train:<26} " + "  ".join(
-            f"FID[{n}]={res.per_space[n]['fid']:.3f}" for n in eval_names), flush=True)
+        print(
+            f"{method:>22} T={T:<3} train={train:<26} "
+            + "  ".join(f"FID[{n}]={res.per_space[n]['fid']:.3f}" for n in eval_names),
+            flush=True,
+        )
 
     with torch.no_grad():
         for sampler, Ts in (("ddim", [5, 10, 20, 50]), ("dpmpp_2m", [5, 10])):

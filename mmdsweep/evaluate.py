@@ -97,12 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mmdsweep.evaluate",
         description="FID/KID of a model or checkpoint at several step budgets T.",
     )
-    ap.add_argument("checkpoint", help="fine-tuning checkpoint, exported pipeline or diffusers model directory")
-    ap.add_argument("--timesteps", type=int, nargs="+", default=None, help="step budgets (default: the checkpoint's T)")
+    ap.add_argument(
+        "checkpoint", help="fine-tuning checkpoint, exported pipeline or diffusers model directory"
+    )
+    ap.add_argument(
+        "--timesteps", type=int, nargs="+", default=None, help="step budgets (default: the checkpoint's T)"
+    )
     ap.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None, help="default: the experiment's")
     ap.add_argument("--spacing", choices=["uniform", "quadratic"], default=None)
     ap.add_argument("--eta", type=float, default=None)
-    ap.add_argument("--experiment", help="experiment YAML for the evaluation settings (default: the checkpoint's)")
+    ap.add_argument(
+        "--experiment", help="experiment YAML for the evaluation settings (default: the checkpoint's)"
+    )
     ap.add_argument("--num-samples", type=int, help="override eval.num_samples")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--out", help="also write the table as CSV to this path")

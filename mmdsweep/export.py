@@ -4,7 +4,7 @@ The exported directory loads with ``diffusers.DDIMPipeline.from_pretrained(dir)`
 scheduler reproduces mmdsweep's schedule exactly (trained betas, "leading" spacing with
 ``steps_offset=0``, ``set_alpha_to_one``), so ``pipe(num_inference_steps=T, eta=0.0)`` gives
 the same T-step chain that was fine-tuned. The intended T (and sampler settings) are recorded in
-``mmdsweep.json`` and in the scheduler config under ``mmdsweep_num_inference_steps``.
+``mmdsweep.json`` beside ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any
 from mmdsweep.models import load_denoiser, replace_dir
 
 
-def export_pipeline(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, timesteps: int | None = None) -> Path:
+def export_pipeline(
+    checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, timesteps: int | None = None
+) -> Path:
     """Write ``out_dir`` as a diffusers DDIMPipeline built from a checkpoint (or model) directory."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
@@ -41,7 +43,6 @@ def export_pipeline(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLi
         pass
     den = load_denoiser(str(ckpt))
     sched_cfg = den.schedule.to_scheduler_config()
-    sched_cfg["mmdsweep_num_inference_steps"] = int(T)
     scheduler = DDIMScheduler.from_config(sched_cfg)
     pipe = DDIMPipeline(unet=den.unet, scheduler=scheduler)
     final = Path(out_dir)

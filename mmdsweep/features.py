@@ -684,5 +684,8 @@ def _classifier_file(classifier_path: str | None) -> Path:
         )
     path = Path(classifier_path).expanduser()
     if not path.is_file():
-        load_classifier(path)  # raises MissingWeightsError with the full explanation
+        raise MissingWeightsError(
+            f"domain classifier weights not found at {path} (features.classifier_path): train one with "
+            "mmdsweep.classifier.train_classifier and save it there with save_classifier(model, path)"
+        )
     return path

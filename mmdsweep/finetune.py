@@ -78,7 +78,11 @@ class LocalReporter:
             for line in mpath.read_text().splitlines():
                 if line.strip():
                     self.history.append(json.loads(line))
-            fids = [h["fid"] for h in self.history if isinstance(h.get("fid"), (int, float)) and h["fid"] == h["fid"]]
+            fids = [
+                h["fid"]
+                for h in self.history
+                if isinstance(h.get("fid"), (int, float)) and h["fid"] == h["fid"]
+            ]
             self.best_fid = min(fids, default=math.inf)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None) -> None:
@@ -200,7 +204,10 @@ def save_checkpoint(
     ts = directory / "train_state"
     ts.mkdir(exist_ok=True)
     if raw is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()}, ts / "raw_unet.safetensors")
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()},
+            ts / "raw_unet.safetensors",
+        )
     torch.save(optimizer.state_dict(), ts / "optimizer.pt")
     meta = {
         **asdict(state),
@@ -245,7 +252,9 @@ class Setup:
     src: comp.ModelSource
 
 
-def build_setup(exp: Experiment, device: torch.device, *, evaluate: bool, allow_pretrain: bool = True) -> Setup:
+def build_setup(
+    exp: Experiment, device: torch.device, *, evaluate: bool, allow_pretrain: bool = True
+) -> Setup:
     src = comp.resolve_model_source(exp, allow_pretrain=allow_pretrain)
     den = comp.load_model(exp, src, device)
     if den.resolution != exp.data.resolution:
@@ -332,7 +341,12 @@ def mmd_loss(
     exp, den, ft, sc = setup.exp, setup.denoiser, setup.exp.finetune, setup.exp.sampler
     shape = (den.channels, den.resolution, den.resolution)
     noise = sample_noise(
-        shape, seed=ft.seed + exp.seed, step=step, start=rank * ft.batch_size, count=ft.batch_size, device=setup.device
+        shape,
+        seed=ft.seed + exp.seed,
+        step=step,
+        start=rank * ft.batch_size,
+        count=ft.batch_size,
+        device=setup.device,
     )
     gen = torch.Generator().manual_seed(ft.seed * 7919 + step * 4099 + rank)
     x0 = sample(
@@ -359,8 +373,10 @@ def run_finetune(
     show_progress: bool = False,
     allow_pretrain: bool = True,
     device: torch.device | None = None,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Fine-tune ``exp``'s model with MMD-DDM; reports every ``eval_every`` steps. Resumes if possible."""
+    t_begin = time.time()
     set_threads(exp.finetune.threads)
     device = device or resolve_device(exp.finetune.device)
     if setup is None:
@@ -393,7 +409,7 @@ def run_finetune(
         assert before is not None
         state.fid_before, state.kid_before = before.fid, before.kid
 
-    t_start = time.time() - state.elapsed_s
+    t_start = t_begin - state.elapsed_s
     bar = progress(
         range(state.step, ft.steps),
         desc=f"mmd-ddm T={sc.timesteps}",
@@ -434,9 +450,19 @@ def run_finetune(
             state.best_kid = min(state.best_kid, last.kid)
             done = state.step == ft.steps
             metrics = _metrics(exp, state, last, loss_val, bandwidth, "completed" if done else "running")
+            metrics.update(extra_metrics or {})
             state.history.append({k: metrics[k] for k in ("step", "loss", "fid", "kid")})
             write_ckpt = done or state.step % ckpt_every == 0
-            _report(reporter, metrics, setup, model_for_eval, raw if ema is not None else None, optimizer, state, write_ckpt)
+            _report(
+                reporter,
+                metrics,
+                setup,
+                model_for_eval,
+                raw if ema is not None else None,
+                optimizer,
+                state,
+                write_ckpt,
+            )
         elif ckpt_every and state.step % ckpt_every == 0:
             pass  # checkpoints are written with evaluations so that each carries its scores
     if hasattr(bar, "close"):
@@ -444,6 +470,7 @@ def run_finetune(
     if status == "diverged":
         state.elapsed_s = time.time() - t_start
         metrics = _metrics(exp, state, None, loss_val, bandwidth, "diverged")
+        metrics.update(extra_metrics or {})
         reporter.report(metrics, None)
         return RunSummary("diverged", state, before, None, _run_dir(reporter))
     return RunSummary("completed", state, before, last, _run_dir(reporter))
@@ -524,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set))
-        lines = comp.preflight(exp)
+        lines = comp.preflight(exp, collect=args.dry_run)
+    except comp.PreflightError as e:
+        return comp.report_missing(e)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -535,7 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{exp.source}: ok; run directory would be {run_dir}")
         return 0
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
-        print(f"error: {run_dir} exists and is not empty; pass --resume to continue it or --run-dir", file=sys.stderr)
+        print(
+            f"error: {run_dir} exists and is not empty; pass --resume to continue it or --run-dir",
+            file=sys.stderr,
+        )
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, run_dir)
@@ -545,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     n = exp.eval.num_samples
     print(f"run directory: {run_dir}  ({time.time() - t0:.0f} s)")
     if summary.status == "diverged":
-        print(f"status: diverged at step {summary.state.step} (non-finite loss or gradient); no weights written")
+        print(
+            f"status: diverged at step {summary.state.step} (non-finite loss or gradient); no weights written"
+        )
         return 1
     before = (
         f"FID {summary.state.fid_before:.3f} KID {summary.state.kid_before:.5f}"
@@ -555,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     after = summary.after
     print(
         f"{exp.sampler.name} T={T} ({exp.features.eval} features, {n} samples): before {before} -> "
-        f"after FID {after.fid:.3f} KID {after.kid:.5f}" if after else "after: n/a"
+        f"after FID {after.fid:.3f} KID {after.kid:.5f}"
+        if after
+        else "after: n/a"
     )
     return 0
 

@@ -26,8 +26,12 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.utils import logging as diffusers_logging
 
 from mmdsweep.sampling import NoiseSchedule  # noqa: E402
+
+# diffusers' advice about `accelerate` and float32 modules is noise for these small, local loads
+diffusers_logging.set_verbosity_error()
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -176,7 +180,9 @@ def load_denoiser(
     sched_dir = _find_component(root, scheduler_subfolder, ("scheduler_config.json",), "scheduler")
     unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype, local_files_only=True)
     sched_cfg = json.loads((sched_dir / "scheduler_config.json").read_text())
-    return Denoiser(unet=unet, schedule=NoiseSchedule.from_scheduler_config(sched_cfg), scheduler_config=sched_cfg)
+    return Denoiser(
+        unet=unet, schedule=NoiseSchedule.from_scheduler_config(sched_cfg), scheduler_config=sched_cfg
+    )
 
 
 def check_model_path(path: str, unet_subfolder: str | None = None, revision: str | None = None) -> Path:

@@ -59,7 +59,8 @@ def pretrain_key(exp: Experiment) -> str:
         "version": PRETRAIN_VERSION,
         "pretrain": p,
         "data": {
-            k: getattr(exp.data, k) for k in ("dataset", "root", "resolution", "split", "max_images", "channels")
+            k: getattr(exp.data, k)
+            for k in ("dataset", "root", "resolution", "split", "max_images", "channels")
         },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -227,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set))
         if exp.model.source != "pretrain":
-            raise ConfigError(f"{exp.source}: model.source: is {exp.model.source!r}; pretraining needs 'pretrain'")
+            raise ConfigError(
+                f"{exp.source}: model.source: is {exp.model.source!r}; pretraining needs 'pretrain'"
+            )
         data_mod.check_dataset(exp.data.dataset, exp.data.root)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -79,7 +79,7 @@ def init_ray(
     With ``address`` (a ``ray://``/``host:port`` address or ``"auto"``) or the
     ``RAY_ADDRESS`` environment variable, connect to that existing cluster (its
     head must run the dashboard for the State API; a warning is logged if it
-    does not). Otherwise start a local single-node Ray with the dashboard on:
+    does not). Otherwise (or with ``"local"``) start a local single-node Ray with the dashboard on:
     Train V2 only removes the worker placement group of a trial stopped early by
     ASHA when the State API is reachable, without it the next trial deadlocks.
     ``num_cpus``/``object_store_memory`` only apply to a local start. No-op when
@@ -90,7 +90,7 @@ def init_ray(
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":
         ray.init(address=address)
         _warn_without_state_api()
         return
@@ -165,7 +165,10 @@ class RayTrainReporter:
 
     @contextlib.contextmanager
     def latest_checkpoint_dir(self) -> Iterator[Path | None]:
-        """Yield the directory of the run's latest checkpoint (None on a fresh start)."""
+        """Yield the directory of the run's latest checkpoint (None on a fresh start).
+
+        Treat it as read-only: on local storage it is the persisted checkpoint itself.
+        """
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()

@@ -46,7 +46,8 @@ h1 { margin-bottom: 4px; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 4
 .meta { color: #555; margin-top: 0; }
 nav a { margin-right: 14px; }
 table.tbl { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
-table.tbl th, table.tbl td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table.tbl th, table.tbl td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-space: nowrap; }
+table.tbl td.txt { text-align: left; }
 table.tbl th { background: #f3f3f3; }
 table.tbl tr:nth-child(even) td { background: #fafafa; }
 table.kv td:first-child { font-weight: 600; text-align: left; }
@@ -118,9 +119,13 @@ def _table(df: pd.DataFrame, *, max_rows: int | None = None) -> str:
     shown = df.head(max_rows) if max_rows else df
     shown = shown.rename(columns=lambda c: c[len(PARAM_PREFIX) :] if str(c).startswith(PARAM_PREFIX) else c)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    numeric = [pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t) for t in shown.dtypes]
     rows = []
     for rec in shown.itertuples(index=False):
-        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in rec)
+        cells = "".join(
+            f"<td>{html.escape(_fmt(v))}</td>" if num else f'<td class="txt">{html.escape(_fmt(v))}</td>'
+            for v, num in zip(rec, numeric)
+        )
         rows.append(f"<tr>{cells}</tr>")
     more = f'<p class="note">{len(df) - len(shown)} more rows not shown</p>' if len(shown) < len(df) else ""
     return f'<div class="scroll"><table class="tbl"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>{more}'
@@ -171,7 +176,10 @@ def _summary_section(sweep: A.Sweep) -> str:
         ("best FID", f"{_fmt(s['best_fid'])} at T={_fmt(s['best_timesteps'])} (trial {s['best_trial']})"),
         ("total trial wall time", _duration(float(s["trial_wall_time_s"]))),
         ("sweep span (first start to last update)", _duration(float(s["sweep_span_s"]))),
-        ("exports", ", ".join(f"T={k}: {v}" for k, v in sorted(meta["exports"].items(), key=lambda kv: int(kv[0])))),
+        (
+            "exports",
+            ", ".join(f"T={k}: {v}" for k, v in sorted(meta["exports"].items(), key=lambda kv: int(kv[0]))),
+        ),
         ("Optuna storage", meta.get("optuna_storage")),
     ]
     counts = sweep.trials["status"].value_counts()
@@ -210,7 +218,9 @@ def _pareto_section(rep: _Report, sweep: A.Sweep) -> str:
     has_speed = A.trials_with_speed(sweep)["seconds_per_image"].notna().any()
     if has_speed:
         parts.append(
-            rep.figure(A.plot_pareto(sweep, x="seconds_per_image"), "pareto_seconds.png", "FID vs seconds per image")
+            rep.figure(
+                A.plot_pareto(sweep, x="seconds_per_image"), "pareto_seconds.png", "FID vs seconds per image"
+            )
         )
         tables.append(("seconds_per_image", A.pareto_front(sweep, x="seconds_per_image")))
     cols = ["trial_id", "timesteps", "best_fid", "seconds_per_image", "status"]
@@ -218,19 +228,28 @@ def _pareto_section(rep: _Report, sweep: A.Sweep) -> str:
     if not has_speed:
         body += '<p class="note">No speed.parquet: run <code>python -m mmdsweep.speed RESULTS_DIR</code> for the FID vs time front.</p>'
     for x, front in tables:
-        body += f"<h3>Pareto front, best FID vs {html.escape(x)}</h3>" + _table(front[[c for c in cols if c in front]])
+        body += f"<h3>Pareto front, best FID vs {html.escape(x)}</h3>" + _table(
+            front[[c for c in cols if c in front]]
+        )
     return body
 
 
 def _curves_section(rep: _Report, sweep: A.Sweep) -> str:
-    return '<div class="figs">' + rep.figure(A.learning_curves(sweep), "learning_curves.png", "learning curves") + "</div>"
+    return (
+        '<div class="figs">'
+        + rep.figure(A.learning_curves(sweep), "learning_curves.png", "learning curves")
+        + "</div>"
+    )
 
 
 def _sensitivity_section(rep: _Report, sweep: A.Sweep) -> str:
     sens = A.sensitivity(sweep)
     note = html.escape(str(sens.attrs.get("note", "")))
     img = rep.figure(A.plot_sensitivity(sens), "sensitivity.png", "parameter sensitivity")
-    return f'<p class="note">Method: {html.escape(str(sens.attrs.get("method")))}. {note}</p><div class="figs">{img}</div>' + _table(sens)
+    return (
+        f'<p class="note">Method: {html.escape(str(sens.attrs.get("method")))}. {note}</p><div class="figs">{img}</div>'
+        + _table(sens)
+    )
 
 
 def _samples_section(rep: _Report, sweep: A.Sweep, num: int, seed: int, device: str) -> str:
@@ -253,14 +272,24 @@ def _samples_section(rep: _Report, sweep: A.Sweep, num: int, seed: int, device: 
         caption = f"fine-tuned, {pair.sampler}, T={pair.timesteps} · {A.fid_label(pair.tuned_fid)}{trial}"
         img = rep.png(data, f"samples_T{pair.timesteps}_finetuned.png", caption, width)
         figures.append(f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>")
-        out.append(f"<h3>T = {pair.timesteps}</h3><div class=\"pair\">{''.join(figures)}</div>")
+        out.append(f'<h3>T = {pair.timesteps}</h3><div class="pair">{"".join(figures)}</div>')
     return "".join(out)
 
 
 def _speed_section(sweep: A.Sweep) -> str:
     if sweep.speed.empty:
         return '<p class="note">No speed.parquet in the results directory.</p>'
-    cols = ["model", "sampler", "timesteps", "seconds_per_image", "device", "device_name", "batch_size", "num_images", "measured_at"]
+    cols = [
+        "model",
+        "sampler",
+        "timesteps",
+        "seconds_per_image",
+        "device",
+        "device_name",
+        "batch_size",
+        "num_images",
+        "measured_at",
+    ]
     df = sweep.speed[[c for c in cols if c in sweep.speed.columns]].copy()
     df["ms_per_image"] = 1000 * df["seconds_per_image"].astype(float)
     return _table(df)
@@ -305,7 +334,11 @@ def build_report(
     rep.section("curves", "Learning curves", lambda: _curves_section(rep, sweep))
     rep.section("sensitivity", "Parameter sensitivity", lambda: _sensitivity_section(rep, sweep))
     if samples:
-        rep.section("samples", "Samples: base vs fine-tuned", lambda: _samples_section(rep, sweep, num_samples, seed, device))
+        rep.section(
+            "samples",
+            "Samples: base vs fine-tuned",
+            lambda: _samples_section(rep, sweep, num_samples, seed, device),
+        )
     rep.section("speed", "Sampling speed", lambda: _speed_section(sweep))
     rep.section("config", "Experiment config", lambda: _config_section(sweep))
     path = out / REPORT_FILE
@@ -326,9 +359,9 @@ def _render(sweep: A.Sweep, rep: _Report) -> str:
     body = "".join(f'<section id="{a}"><h2>{html.escape(t)}</h2>{b}</section>' for a, t, b in rep.sections)
     experiment = html.escape(str(sweep.meta.get("experiment_name") or ""))
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class=\"meta\">experiment {experiment} · generated {now}</p>"
+        f'<h1>{html.escape(title)}</h1><p class="meta">experiment {experiment} · generated {now}</p>'
         f"<nav>{nav}</nav>{body}</body></html>\n"
     )
 

@@ -21,8 +21,9 @@ Sample ``i`` starts from the same noise as sample ``i`` of the sweep's evaluatio
 models sampled with the same ``--seed`` are compared on identical noise. With ``--eta > 0``
 the per-step DDIM noise is drawn per sample as well.
 
-``--timesteps``, ``--sampler``, ``--spacing`` and ``--eta`` default to the values in the
-checkpoint's ``state.json`` when it has one.
+``--timesteps``, ``--sampler``, ``--spacing`` and ``--eta`` default to the values recorded with
+the model: a fine-tuning checkpoint's ``state.json``, or an exported pipeline's ``mmdsweep.json``
+(``num_inference_steps``, written by ``mmdsweep.export``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from mmdsweep.models import Denoiser
 
 STATE_FILE = "state.json"
+EXPORT_META_FILE = "mmdsweep.json"
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
 NOISE_SEED_STRIDE = 1_000_003  # as in mmdsweep.evaluation.eval_noise
 _STEP_NOISE_OFFSET = 1 << 48  # separate stream for the per-step DDIM noise (eta > 0)
@@ -80,12 +82,21 @@ def load_model(model: str | os.PathLike[str] | Denoiser) -> Denoiser:
 
 
 def read_state(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint's ``state.json`` (``{}`` when the directory has none)."""
-    path = Path(model_dir) / STATE_FILE
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
+    """Sampler settings recorded with a model directory (``{}`` when there are none).
+
+    A checkpoint's ``state.json`` (``timesteps``, ``sampler``, ``spacing``, ``eta``), else an
+    exported pipeline's ``mmdsweep.json`` (``num_inference_steps`` is returned as ``timesteps``).
+    """
+    for name in (STATE_FILE, EXPORT_META_FILE):
+        path = Path(model_dir) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                return {}
+            if "timesteps" not in data and "num_inference_steps" in data:
+                data["timesteps"] = data["num_inference_steps"]
+            return data
+    return {}
 
 
 @torch.inference_mode()
@@ -117,7 +128,7 @@ def generate_images(
         raise ValueError(f"num={num} and batch_size={batch_size} must be >= 1")
     den = load_model(model)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    unet = den.unet.to(dev).eval()
+    unet = cast(torch.nn.Module, den.unet).to(dev).eval()
     eps = den.eps_fn(unet)
     shape = (den.channels, den.resolution, den.resolution)
     steps = select_timesteps(int(timesteps), den.schedule.num_train_timesteps, spacing)
@@ -234,11 +245,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Sample images from an mmdsweep checkpoint or exported diffusers pipeline.",
     )
     p.add_argument("model", help="checkpoint directory or exported pipeline directory")
-    p.add_argument("--timesteps", "-T", type=int, default=None, help="sampler steps (default: state.json)")
+    p.add_argument(
+        "--timesteps",
+        "-T",
+        type=int,
+        default=None,
+        help="sampler steps (default: state.json / mmdsweep.json)",
+    )
     p.add_argument("--num", "-n", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--out", "-o", required=True, help="grid .png/.jpg, .npz, or a directory for one PNG per image")
+    p.add_argument(
+        "--out", "-o", required=True, help="grid .png/.jpg, .npz, or a directory for one PNG per image"
+    )
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: state.json, else ddim")
-    p.add_argument("--spacing", choices=TIMESTEP_SPACINGS, default=None, help="default: state.json, else uniform")
+    p.add_argument(
+        "--spacing", choices=TIMESTEP_SPACINGS, default=None, help="default: state.json, else uniform"
+    )
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: state.json, else 0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0, as the sweep's evaluation)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -269,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = read_state(model_dir)
     timesteps = args.timesteps if args.timesteps is not None else state.get("timesteps")
     if timesteps is None:
-        return _fail(f"--timesteps is required: {model_dir} has no {STATE_FILE} to take it from")
+        return _fail(
+            f"--timesteps is required: {model_dir} has no {STATE_FILE} or {EXPORT_META_FILE} to take it from"
+        )
     sampler = args.sampler or state.get("sampler") or "ddim"
     spacing = args.spacing or state.get("spacing") or "uniform"
     eta = args.eta if args.eta is not None else float(state.get("eta") or 0.0)

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import torch
@@ -117,7 +117,9 @@ def measure_sampling_speed(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: expected one of {sorted(SAMPLERS)}")
     if batch_size < 1 or num_images < 1 or warmup < 0:
-        raise ValueError(f"batch_size={batch_size}, num_images={num_images} must be >= 1, warmup={warmup} >= 0")
+        raise ValueError(
+            f"batch_size={batch_size}, num_images={num_images} must be >= 1, warmup={warmup} >= 0"
+        )
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
     ts_list = [int(t) for t in timesteps]
@@ -126,13 +128,17 @@ def measure_sampling_speed(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     den = _load(model_dir)
     torch_dtype = _DTYPES[dtype]
-    unet = den.unet.to(device=dev, dtype=torch_dtype).eval()
+    unet = cast(torch.nn.Module, den.unet).to(device=dev, dtype=torch_dtype).eval()
     eps = den.eps_fn(unet)
     shape = (den.channels, den.resolution, den.resolution)
     gen = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn((batch_size, *shape), generator=gen).to(device=dev, dtype=torch_dtype)
     sizes = [min(batch_size, num_images - s) for s in range(0, num_images, batch_size)]
-    label = model if model is not None else (Path(str(model_dir)).name if not _is_denoiser(model_dir) else "model")
+    label = (
+        model
+        if model is not None
+        else (Path(str(model_dir)).name if not _is_denoiser(model_dir) else "model")
+    )
     rows: list[dict[str, Any]] = []
     for T in ts_list:
         steps = select_timesteps(T, den.schedule.num_train_timesteps, spacing)
@@ -317,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     args = parser.parse_args(argv)
     if not (Path(args.results_dir) / "sweep.json").is_file():
-        print(f"error: {args.results_dir}/sweep.json not found: not a sweep results directory", file=sys.stderr)
+        print(
+            f"error: {args.results_dir}/sweep.json not found: not a sweep results directory", file=sys.stderr
+        )
         return 2
     t0 = time.perf_counter()
     df = measure_sweep_speed(

@@ -60,7 +60,24 @@ def worker_loop(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(exp.resources.cpus_per_worker)))
-    run_finetune(exp, reporter, allow_pretrain=False, device=device)
+    run_finetune(exp, reporter, allow_pretrain=False, device=device, extra_metrics=_placement())
+
+
+def _placement() -> dict[str, Any]:
+    """How many workers and distinct Ray nodes this trial runs on (reported with every result)."""
+    import ray
+
+    from mmdsweep import distributed as du
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    nodes = [node]
+    if du.get_world_size() > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * du.get_world_size()
+        dist.all_gather_object(gathered, node)
+        nodes = gathered
+    return {"world_size": du.get_world_size(), "num_nodes": len(set(nodes))}
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -99,7 +116,9 @@ def validate_sweep(exp: Experiment) -> list[Any]:
                 exp.with_overrides({p.key: value})
             except ConfigError as e:
                 msg = str(e).split(": ", 1)[-1]
-                raise ConfigError(f"{exp.source}: search.space.{p.key}: value {value!r} is invalid: {msg}") from None
+                raise ConfigError(
+                    f"{exp.source}: search.space.{p.key}: value {value!r} is invalid: {msg}"
+                ) from None
     return params
 
 
@@ -179,7 +198,9 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     t0 = time.time()
     prepare_caches(exp, params)
     src = comp.resolve_model_source(exp, allow_pretrain=False)
-    meta["base_model_dir"] = str(Path(src.model_dir).resolve()) if "://" not in src.model_dir else src.model_dir
+    meta["base_model_dir"] = (
+        str(Path(src.model_dir).resolve()) if "://" not in src.model_dir else src.model_dir
+    )
     _write_meta(sdir, meta)
     prep_s = time.time() - t0
 
@@ -256,9 +277,12 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
     ok = trials[trials["best_checkpoint"].notna() & trials["best_fid"].notna()]
     for T, group in ok.groupby("timesteps"):
         best = group.sort_values("best_fid").iloc[0]
-        ckpt = _local_path(str(best["best_checkpoint"]))
+        ckpt = _fetch_checkpoint(str(best["best_checkpoint"]), sdir / "checkpoints" / f"T{int(T)}")
         if ckpt is None or not (ckpt / "unet").is_dir():
-            print(f"warning: best checkpoint for T={T} is not on this machine ({best['best_checkpoint']})", file=sys.stderr)
+            print(
+                f"warning: best checkpoint for T={T} is not readable ({best['best_checkpoint']})",
+                file=sys.stderr,
+            )
             continue
         out = sdir / "exported" / f"T{int(T)}"
         if exp.sampler.spacing == "uniform":
@@ -283,10 +307,26 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
     return result
 
 
-def _local_path(p: str) -> Path | None:
-    if "://" in p and not p.startswith("file://"):
+def _fetch_checkpoint(uri: str, dest: Path) -> Path | None:
+    """A local directory holding the checkpoint: the path itself, or a copy of a remote (s3://...) one."""
+    if "://" not in uri or uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        pyarrow.fs.copy_files(
+            path, str(dest), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
+        )
+    except (OSError, pyarrow.lib.ArrowException) as e:
+        print(f"warning: could not fetch {uri}: {e}", file=sys.stderr)
         return None
-    return Path(p.removeprefix("file://"))
+    return dest
 
 
 def print_summary(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> None:
@@ -299,8 +339,10 @@ def print_summary(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> None:
     cols = ["trial_id", "status", *pcols, "best_fid", "best_kid", "steps", "wall_time_s"]
     board = trials.sort_values("best_fid", na_position="last")[[c for c in cols if c in trials.columns]]
     board = board.rename(columns={c: c.removeprefix("param.") for c in pcols})
-    with pd.option_context("display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format):
-        print("\nLeaderboard (evaluation space: %s, %d samples):" % (exp.features.eval, exp.eval.num_samples))
+    with pd.option_context(
+        "display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format
+    ):
+        print(f"\nLeaderboard (evaluation space: {exp.features.eval}, {exp.eval.num_samples} samples):")
         print(board.to_string(index=False))
         front = pareto_front(trials)
         print("\nPareto front (timesteps vs best FID):")
@@ -336,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
-    ap.add_argument("--dry-run", action="store_true", help="validate the experiment, search space and files, then stop")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="validate the experiment, search space and files, then stop"
+    )
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     ap.add_argument("--quiet", action="store_true", help="no Tune progress table")
     args = ap.parse_args(argv)
@@ -348,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides["resources.address"] = args.address
         exp = load_experiment(args.experiment, overrides)
         params = validate_sweep(exp)
-        lines = comp.preflight(exp)
+        lines = comp.preflight(exp, collect=args.dry_run)
+    except comp.PreflightError as e:
+        return comp.report_missing(e)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

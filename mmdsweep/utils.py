@@ -44,7 +44,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return y.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(x: torch.Tensor, path: str | os.PathLike[str], nrow: int = 8, pad: int = 1, scale: int = 1) -> Path:
+def save_grid(
+    x: torch.Tensor, path: str | os.PathLike[str], nrow: int = 8, pad: int = 1, scale: int = 1
+) -> Path:
     """Save images in [-1, 1] as one PNG grid (optionally upscaled by nearest neighbour)."""
     from PIL import Image
 
@@ -55,10 +57,12 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike[str], nrow: int = 8, pad:
     grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = imgs[i]
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = imgs[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, _png_bytes(img))

@@ -6,6 +6,7 @@
     sweep/speed.parquet                           # mmdsweep.speed.write_speed_table
     sweep/sweep.json, sweep/experiment.yaml
     sweep/exported/T5, sweep/exported/T10         # tiny random UNets, diffusers pipeline layout
+                                                  # (T10 with mmdsweep.json, as mmdsweep.export writes)
     sweep/checkpoints/t00                         # a fine-tuning checkpoint (state.json: T=5)
     models/base                                   # the "pretrained" base model
     sweep/optuna.db                               # only with optuna=True
@@ -19,7 +20,7 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow as pa
@@ -117,13 +118,19 @@ def write_results(results_dir: Path, sweep_id: str) -> None:
     paths = results_paths(results_dir)
     tmeta = file_metadata("trials", sweep_id, EXPERIMENT, PARAM_TYPES)
     mmeta = file_metadata("metrics", sweep_id, EXPERIMENT, PARAM_TYPES)
-    atomic_write_table(pa.Table.from_pylist(trials, schema=trials_schema(PARAM_TYPES).with_metadata(tmeta)), paths.trials)
-    atomic_write_table(pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA.with_metadata(mmeta)), paths.metrics)
+    atomic_write_table(
+        pa.Table.from_pylist(trials, schema=trials_schema(PARAM_TYPES).with_metadata(tmeta)), paths.trials
+    )
+    atomic_write_table(
+        pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA.with_metadata(mmeta)), paths.metrics
+    )
 
 
 def _save_model(directory: Path, seed: int, perturb_from: torch.nn.Module | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
-    unet = build_unet(RESOLUTION, CHANNELS, block_out_channels=(8, 16), layers_per_block=1)
+    unet = cast(
+        torch.nn.Module, build_unet(RESOLUTION, CHANNELS, block_out_channels=(8, 16), layers_per_block=1)
+    )
     if perturb_from is not None:
         unet.load_state_dict(perturb_from.state_dict())
         with torch.no_grad():
@@ -147,10 +154,20 @@ def write_models(root: Path, results_dir: Path) -> Path:
             "unet": ["diffusers", "UNet2DModel"],
         }
         (d / "model_index.json").write_text(json.dumps(index, indent=2))
+        if T == 10:  # as mmdsweep.export writes it (the T5 export has none: --timesteps needed)
+            info = {"num_inference_steps": T, "eta": 0.0, "sampler": "ddim", "spacing": "uniform"}
+            (d / "mmdsweep.json").write_text(json.dumps(info, indent=2))
     ckpt = results_dir / "checkpoints" / "t00"
     _save_model(ckpt, seed=5, perturb_from=base)
     (ckpt / "train_state").mkdir(exist_ok=True)
-    state = {"step": 300, "best_fid": 45.0, "timesteps": 5, "sampler": "ddim", "spacing": "uniform", "eta": 0.0}
+    state = {
+        "step": 300,
+        "best_fid": 45.0,
+        "timesteps": 5,
+        "sampler": "ddim",
+        "spacing": "uniform",
+        "eta": 0.0,
+    }
     (ckpt / "state.json").write_text(json.dumps(state, indent=2))
     return base_dir
 

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -24,6 +25,15 @@ from mmdsweep import speed as S
 from mmdsweep.evaluation import eval_noise, generate
 from mmdsweep.models import load_denoiser
 from mmdsweep.sampling import select_timesteps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: tiny models on a busy 2-core machine are much faster without OpenMP spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +205,17 @@ def test_learning_curves(sweep: A.Sweep) -> None:
     fig = A.learning_curves(sweep)
     ax = fig.axes[0]
     evaluated = sum(1 for t in TRIALS.values() if t[-1])
-    trial_lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 or ln.get_marker() == "o"]
+    trial_lines = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
     assert len(trial_lines) == evaluated
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    crosses = [ln for ln in ax.get_lines() if ln.get_marker() == "x"]
+    assert len(crosses) == 1  # the diverged trial (the errored one has no evaluation)
+    assert len([ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]) == 3  # base FID per T
+    leg = ax.get_legend()
+    assert leg is not None
+    legend = [t.get_text() for t in leg.get_texts()]
     assert legend[:3] == ["T=5", "T=10", "T=20"] and "base model (before)" in legend
     # lines of one T share a colour, different T differ
-    colors = {tuple(ln.get_xdata()) + (ln.get_color(),) for ln in trial_lines}
-    assert len({c[-1] for c in colors}) == 3
+    assert len({str(ln.get_color()) for ln in trial_lines}) == 3
     _png_ok(fig)
     empty = A.learning_curves(A.Sweep(**{**sweep.__dict__, "metrics": sweep.metrics.iloc[:0]}))
     assert "no fid evaluations" in empty.axes[0].texts[0].get_text()
@@ -212,7 +226,9 @@ def test_plot_pareto(sweep: A.Sweep) -> None:
         fig = A.plot_pareto(sweep, x=x)
         ax = fig.axes[0]
         assert "3 Pareto-optimal of 8 trials" in ax.get_title()
-        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        leg = ax.get_legend()
+        assert leg is not None
+        labels = [t.get_text() for t in leg.get_texts()]
         assert "Pareto front" in labels and "base model (before)" in labels
         _png_ok(fig)
     no_speed = A.Sweep(**{**sweep.__dict__, "speed": sweep.speed.iloc[:0]})
@@ -280,13 +296,15 @@ def test_sensitivity_falls_back_without_storage(tmp_path: Path, results_dir: Pat
 def test_duckdb_paths(sweep: A.Sweep) -> None:
     paths = A.duckdb_paths(sweep)
     assert {"trials", "metrics", "speed"} <= set(paths)
-    best = duckdb.sql(
+    rel = duckdb.sql(
         f"select trial_id, timesteps, min(fid) as best from '{paths['metrics']}' group by all order by best"
-    ).df()
+    )
+    assert rel is not None
+    best = rel.df()
     expected = sweep.trials.dropna(subset=["best_fid"]).set_index("trial_id")["best_fid"]
     assert best.set_index("trial_id")["best"].to_dict() == expected.to_dict()
-    n = duckdb.sql(f"select count(*) from '{paths['speed']}'").fetchone()
-    assert n is not None and n[0] == len(sweep.speed)
+    count = duckdb.sql(f"select count(*) from '{paths['speed']}'")
+    assert count is not None and count.fetchall() == [(len(sweep.speed),)]
 
 
 # --------------------------------------------------------------------------- samples
@@ -311,7 +329,7 @@ def test_sample_grid_uses_evaluation_noise(results_dir: Path) -> None:
         device=torch.device("cpu"),
     )
     assert ref is not None
-    torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)  # batches of 4 vs 6
     tuned = A.sample_grid(results_dir / "exported" / "T5", 5, num=6, seed=3)
     assert not torch.allclose(tuned, x, atol=1e-3)  # another model, same noise
     assert select_timesteps(5, den.schedule.num_train_timesteps) == [800, 600, 400, 200, 0]
@@ -371,7 +389,9 @@ def test_speed_table_validation(tmp_path: Path) -> None:
         S.measure_sampling_speed("unused", sampler="euler")
 
 
-def test_measure_sweep_speed_cli(results_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_measure_sweep_speed_cli(
+    results_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "sweep"
     shutil.copytree(results_dir, d, ignore=shutil.ignore_patterns("checkpoints", "optuna.db", "report"))
     (d / S.SPEED_FILE).unlink()

@@ -43,7 +43,10 @@ def test_digits_experiment_loads_with_defaults() -> None:
         ("model:\n  source: diffusers\n", "x.yaml: model.path: is required when model.source is 'diffusers'"),
         ("features:\n  train: vgg\n", "x.yaml: features.train: must be one of inception, clip"),
         ("sampler:\n  name: dpmpp_2m\n  eta: 0.5\n", "x.yaml: sampler.eta: must be 0 for sampler dpmpp_2m"),
-        ("search:\n  objectives: [fid, timesteps]\n", "x.yaml: search.scheduler: asha needs a single objective"),
+        (
+            "search:\n  objectives: [fid, timesteps]\n",
+            "x.yaml: search.scheduler: asha needs a single objective",
+        ),
         ("finetune: [1, 2]\n", "x.yaml: finetune: must be a mapping"),
     ],
 )

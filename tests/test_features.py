@@ -291,7 +291,7 @@ def test_torchvision_missing_weights_names_path(tmp_path: Path) -> None:
     assert str(expected) in str(info.value)
     with pytest.raises(MissingWeightsError, match="seed_torchvision_cache"):
         build_feature_space("torchvision:mobilenet_v2", torch_home=str(tmp_path))
-    assert not (tmp_path / "hub" / "checkpoints").exists() or not any((tmp_path / "hub").rglob("*.pth"))
+    assert not list(tmp_path.rglob("*.pth"))  # nothing was downloaded
 
 
 def test_unknown_names() -> None:

@@ -49,7 +49,14 @@ def test_run_reports_evaluations_and_checkpoints(tiny_yaml: Path, tmp_path: Path
     den = load_denoiser(str(best))
     assert den.resolution == 8 and den.channels == 1
     # weights actually changed from the pretrained model
-    base = load_file(Path(summary.run_dir or run_dir).parent / "run" / "checkpoints" / "step_0000004" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(
+        Path(summary.run_dir or run_dir).parent
+        / "run"
+        / "checkpoints"
+        / "step_0000004"
+        / "unet"
+        / "diffusion_pytorch_model.safetensors"
+    )
     src = finetune.comp.resolve_model_source(exp)
     pre = load_file(Path(src.model_dir) / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(base[k], pre[k]) for k in pre)
@@ -108,7 +115,12 @@ def test_finetuning_lowers_the_training_objective(tiny_yaml: Path, tmp_path: Pat
 
     def objective() -> float:
         with torch.no_grad():
-            return sum(float(mmd_loss(setup, setup.denoiser.unet, 10_000 + s, ts, spec, 64)[0]) for s in range(4)) / 4
+            return (
+                sum(
+                    float(mmd_loss(setup, setup.denoiser.unet, 10_000 + s, ts, spec, 64)[0]) for s in range(4)
+                )
+                / 4
+            )
 
     before = objective()
     run_finetune(exp, LocalReporter(tmp_path / "run"), setup=setup)
@@ -163,7 +175,9 @@ def test_two_workers_equal_one_process_with_the_global_batch(tiny_yaml: Path, tm
     assert checked > 10
 
 
-def test_cli_prints_before_and_after(tiny_yaml: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_before_and_after(
+    tiny_yaml: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "cli"
     rc = finetune.main([str(tiny_yaml), "--run-dir", str(run_dir), "--no-progress"])
     out = capsys.readouterr().out

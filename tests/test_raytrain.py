@@ -292,14 +292,17 @@ def test_init_ray_is_idempotent_and_has_state_api(local_ray: None) -> None:
 def test_two_worker_trials_multi_objective_with_optuna_storage(local_ray: None, tmp_path: Path) -> None:
     steps = 3
     url = f"sqlite:///{tmp_path}/optuna/study.db"
-    trainable = _trainable(tmp_path, workers=2, cpus_per_worker=0.5, toy={"steps": steps})
+    # 0.25 + 2 x 0.25 CPU per trial: both 2-worker trials run at the same time on 2 CPUs.
+    trainable = _trainable(tmp_path, workers=2, cpus_per_worker=0.25, toy={"steps": steps}, trial_cpus=0.25)
+    concurrent = rt.max_concurrent_from_resources(2, 0, 2, 0.25, 0.0, 0.25)
+    assert concurrent == 2
     grid = rt.run_sweep(
         trainable,
         params=validate_space(SPACE),
         metrics=["loss", "rank_metric"],
         modes=["min", "max"],
         num_samples=2,
-        max_concurrent_trials=rt.max_concurrent_from_resources(2, 0, 2, 0.5, 0.0, 0.5),
+        max_concurrent_trials=concurrent,
         scheduler=None,
         storage_path=tmp_path,
         name="mo",
@@ -347,6 +350,7 @@ def test_asha_early_stopping_does_not_deadlock_next_trials(local_ray: None, tmp_
         storage_path=tmp_path,
         name="asha",
         searcher_seed=0,
+        optuna_storage=f"sqlite:///{tmp_path}/asha.db",
         verbose=0,
     )
     elapsed = time.monotonic() - t0
@@ -354,6 +358,9 @@ def test_asha_early_stopping_does_not_deadlock_next_trials(local_ray: None, tmp_
     assert errors == [], errors
     iters = sorted((_metrics(r)["level"], _metrics(r)["training_iteration"]) for r in _results(grid))
     assert iters == [(0, 4), (1, 1), (2, 1), (3, 1)]
+    # Stopped trials reach Optuna as COMPLETE with their last value.
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path}/asha.db")
+    assert sorted((t.state.name, t.value) for t in study.trials) == [("COMPLETE", float(v)) for v in range(4)]
     assert elapsed < 240, f"sweep took {elapsed:.0f}s: trials probably waited for leaked resources"
 
 

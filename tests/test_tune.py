@@ -1,0 +1,256 @@
+"""The sweep CLI: dry runs of every experiment, and real end-to-end sweeps on a small Ray.
+
+The end-to-end tests run the real fine-tuning loop inside Ray Train inside Ray Tune (Optuna
+search, ASHA early stopping) on a tiny digits experiment, and guard the product's promises: every
+trial lands in ``trials.parquet`` exactly once with the right status, a diverging trial does not
+stop the sweep, a SIGKILLed driver resumes without losing completed results, and a trial's workers
+spread over the nodes of a multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+import yaml
+
+from mmdsweep import tune
+from mmdsweep.results import read_metrics, read_trials
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celeba", "lsun"])
+def test_real_experiments_dry_run_report_missing_files(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = tune.main([str(ROOT / "experiments" / f"{name}.yaml"), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err  # config, search space and resources are valid; only files are missing
+    assert "Traceback" not in out + err
+    assert "file(s) missing" in err
+    assert "data.root:" in err and "does not exist" in err
+    assert "inception-2015-12-05.pt" in err
+    assert "model.path:" in err
+    assert "data: MISSING" in out
+
+
+def test_digits_dry_run_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = tune.main([str(ROOT / "experiments" / "digits.yaml"), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "search: 5 parameters" in out
+    assert "features: torchvision:mobilenet_v2: ok" in out
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"finetune.lrr": {"loguniform": [1e-5, 1e-3]}}, "search.space.finetune.lrr: value"),
+        (
+            {"finetune.lr": {"loguniform": [0, 1e-3]}},
+            "search.space.finetune.lr: loguniform needs 0 < low < high",
+        ),
+        (
+            {"features.train": {"choice": ["classifier", "vgg"]}},
+            "search.space.features.train: value 'vgg' is invalid",
+        ),
+        ({}, "search.space: is empty"),
+    ],
+)
+def test_bad_search_space_fails_before_work(
+    tmp_path: Path, space: dict, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    cfg["search"]["space"] = space
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert tune.main([str(p)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def _sweep_yaml(tiny_root: Path, tmp_path: Path, **search: object) -> Path:
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_root)
+    cfg["output"]["dir"] = str(tmp_path / "results")
+    cfg["finetune"].update({"steps": 4, "eval_every": 1, "grad_clip": None})
+    cfg["search"].update(search)
+    cfg["resources"]["num_cpus"] = 2
+    cfg["resources"]["object_store_memory"] = 200 * 1024 * 1024
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _run_cli(args: list[str], **kw: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmdsweep.tune", *args, "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_with_asha_and_a_diverging_trial(tiny_root: Path, tmp_path: Path) -> None:
+    p = _sweep_yaml(
+        tiny_root,
+        tmp_path,
+        num_samples=4,
+        scheduler="asha",
+        grace_period=1,
+        reduction_factor=2,
+        seed=3,
+        space={
+            # 1e30 makes the first Adam step blow the weights up: that trial must diverge
+            "finetune.lr": {"choice": [1.0e-4, 3.0e-4, 1.0e30]},
+            "sampler.timesteps": {"choice": [2, 3]},
+        },
+    )
+    proc = _run_cli([str(p)])
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    sdir = tmp_path / "results" / "sweep"
+    trials = read_trials(sdir)
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"completed", "early-stopped", "diverged"}
+    lrs = trials.set_index("trial_id")["param.finetune.lr"]
+    diverged = trials[trials["param.finetune.lr"] > 1e20]
+    assert len(diverged) >= 1, lrs.to_dict()
+    assert (diverged["status"] == "diverged").all()
+    sane = trials[trials["param.finetune.lr"] < 1e20]
+    assert len(sane) >= 1 and sane["best_fid"].notna().all()
+    assert (sane["status"] != "diverged").all()
+    # metrics: one row per report, readable by duckdb, with the bandwidth and lr columns typed
+    metrics = read_metrics(sdir)
+    assert len(metrics) >= len(sane)
+    n = duckdb.sql(f"select count(*) from '{sdir / 'metrics.parquet'}'").fetchone()[0]  # type: ignore[index]
+    assert n == len(metrics)
+    # the leaderboard and Pareto front were printed, exports load with plain diffusers
+    assert "Leaderboard" in out and "Pareto front" in out and "trials.parquet" in out
+    meta = json.loads((sdir / "sweep.json").read_text())
+    assert meta["exports"], meta
+    from diffusers import DDIMPipeline
+
+    for d in meta["exports"].values():
+        pipe = DDIMPipeline.from_pretrained(sdir / d)
+        assert pipe.unet.config.sample_size == 8
+    speed = pd.read_parquet(sdir / "speed.parquet")
+    assert {5, 50} <= set(speed["timesteps"])
+
+
+def _completed(sdir: Path) -> pd.DataFrame:
+    try:
+        t = read_trials(sdir)
+    except (FileNotFoundError, OSError, ValueError):
+        return pd.DataFrame()
+    return t[t["status"] == "completed"]
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_resume_keeps_every_trial_once(tiny_root: Path, tmp_path: Path) -> None:
+    p = _sweep_yaml(
+        tiny_root,
+        tmp_path,
+        num_samples=3,
+        scheduler="fifo",
+        max_concurrent_trials=1,
+        space={"finetune.lr": {"loguniform": [1.0e-5, 1.0e-4]}, "sampler.timesteps": {"choice": [2, 3]}},
+    )
+    sdir = tmp_path / "results" / "sweep"
+    proc = _run_cli([str(p)])
+    deadline = time.time() + 600
+    while time.time() < deadline and len(_completed(sdir)) < 1 and proc.poll() is None:
+        time.sleep(2)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    first = _completed(sdir)
+    assert len(first) >= 1
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=60)
+    time.sleep(3)
+    # a second plain start refuses to clobber the sweep; --resume continues it
+    again = _run_cli([str(p)])
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 2 and "--resume" in out
+    resumed = _run_cli([str(p), "--resume"])
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-4000:]
+    trials = read_trials(sdir)
+    assert trials["trial_id"].is_unique
+    assert len(trials) == 3, trials[["trial_id", "status"]]
+    assert (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+    # nothing completed before the kill was lost or changed
+    for _, row in first.iterrows():
+        now = trials.set_index("trial_id").loc[row["trial_id"]]
+        assert now["status"] == "completed" and now["best_fid"] == pytest.approx(row["best_fid"])
+    metrics = read_metrics(sdir)
+    assert not metrics.duplicated(subset=["trial_id", "step"]).any()
+
+
+@pytest.mark.slow
+def test_trial_workers_span_two_nodes(tiny_root: Path, tmp_path: Path) -> None:
+    """``mmdsweep.tune`` connects to an existing (two-node) cluster and spreads a trial's workers."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from mmdsweep.config import load_experiment
+
+    p = _sweep_yaml(
+        tiny_root,
+        tmp_path,
+        num_samples=1,
+        scheduler="fifo",
+        space={"finetune.lr": {"loguniform": [1.0e-5, 1.0e-4]}},
+    )
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024 * 1024},
+    )
+    cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 * 1024)
+    try:
+        exp = load_experiment(
+            p,
+            {
+                "resources.address": cluster.address,
+                "resources.num_workers": 2,
+                "resources.cpus_per_worker": 0.75,
+                "resources.trial_cpus": 0.25,
+                "finetune.steps": 2,
+            },
+        )
+        meta = tune.run(exp, verbose=0)
+        metrics = read_metrics(tune.sweep_dir(exp))
+        assert meta["sweep_id"]
+        trials = read_trials(tune.sweep_dir(exp))
+        assert list(trials["status"]) == ["completed"]
+        raw = [json.loads(line) for line in _result_lines(tune.sweep_dir(exp))]
+        assert raw and all(r["world_size"] == 2 for r in raw)
+        assert all(r["num_nodes"] == 2 for r in raw), raw
+        assert len(metrics) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _result_lines(sdir: Path) -> list[str]:
+    lines: list[str] = []
+    for f in (sdir / "ray").rglob("result.json"):
+        lines += [line for line in f.read_text().splitlines() if line.strip()]
+    return lines
