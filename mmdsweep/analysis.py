@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from mmdsweep.results import (
     META_EXPERIMENT_NAME,
@@ -499,6 +500,7 @@ def learning_curves(sweep: Sweep, metric: str = "fid", *, logy: bool = False) ->
     if len(base):
         handles.append(Line2D([], [], color="grey", ls=":", label="base model (before)"))
     ax.legend(handles=handles, title="timesteps", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel(metric.upper())
     ax.set_title(f"{metric.upper()} during fine-tuning ({m['trial_id'].nunique()} trials)")
@@ -508,7 +510,10 @@ def learning_curves(sweep: Sweep, metric: str = "fid", *, logy: bool = False) ->
     return fig
 
 
-_X_LABELS = {"timesteps": "sampler timesteps T", "seconds_per_image": "seconds per image"}
+_X_LABELS = {
+    "timesteps": "sampler timesteps T",
+    "seconds_per_image": "milliseconds per image (speed.parquet)",
+}
 
 
 def plot_pareto(sweep: Sweep, x: str = "timesteps", y: str = "best_fid") -> Figure:
@@ -528,44 +533,41 @@ def plot_pareto(sweep: Sweep, x: str = "timesteps", y: str = "best_fid") -> Figu
         return _empty_figure(f"no trials with {y} yet")
     front = pareto_front(data, x=x, y=y)
     colors = _t_colors(data["timesteps"].dropna())
+    scale = 1000.0 if x == "seconds_per_image" else 1.0  # drawn in milliseconds
+
+    def xs(values: pd.Series) -> np.ndarray:
+        return values.to_numpy(dtype=float) * scale
+
     fig = Figure(figsize=(5.6, 4.0), layout="constrained")
     ax = fig.add_subplot()
     for T, g in data.groupby("timesteps"):
-        ax.scatter(g[x].astype(float), g[y], color=colors[int(T)], alpha=0.55, s=28, label=f"T={int(T)}")
-    ax.step(front[x].astype(float), front[y], where="post", color="black", lw=1.2, alpha=0.8)
+        ax.scatter(xs(g[x]), g[y], color=colors[int(T)], alpha=0.55, s=28, label=f"T={int(T)}")
+    ax.step(xs(front[x]), front[y], where="post", color="black", lw=1.2, alpha=0.8)
     ax.scatter(
-        front[x].astype(float),
-        front[y],
-        facecolors="none",
-        edgecolors="black",
-        s=90,
-        lw=1.5,
-        label="Pareto front",
+        xs(front[x]), front[y], facecolors="none", edgecolors="black", s=90, lw=1.5, label="Pareto front"
     )
     for row in front.itertuples():
         label = f"{float(getattr(row, y)):.3g}"
         if x != "timesteps":
             label = f"T={row.timesteps}: {label}"
-        ax.annotate(
-            label,
-            (float(getattr(row, x)), float(getattr(row, y))),
-            textcoords="offset points",
-            xytext=(6, 6),
-            fontsize=8,
-        )
+        point = (float(getattr(row, x)) * scale, float(getattr(row, y)))
+        ax.annotate(label, point, textcoords="offset points", xytext=(6, 6), fontsize=8)
     if y == "best_fid":
         base = baseline_fid(sweep)
         if x == "seconds_per_image" and len(base):
             base = base.merge(speed_per_t(sweep), on=["sweep_id", "timesteps"], how="inner")
         if len(base):
-            bx = base[x].astype(float)
-            ax.scatter(bx, base["base_fid"], marker="x", color="grey", s=50, label="base model (before)")
-    if x == "seconds_per_image":
-        values = data[x].astype(float)
+            ax.scatter(
+                xs(base[x]), base["base_fid"], marker="x", color="grey", s=50, label="base model (before)"
+            )
+    if x == "timesteps":
+        ax.set_xticks(sorted({float(v) for v in data[x]}))
+    else:
+        values = xs(data[x])
         if values.min() > 0 and values.max() / values.min() > 10:
             ax.set_xscale("log")
-    else:
-        ax.set_xticks(sorted({float(v) for v in data[x]}))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
     ax.set_xlabel(_X_LABELS.get(x, x))
     ax.set_ylabel(y.replace("_", " ").upper() if y.endswith("fid") else y)
     ax.set_title(f"{y} vs {x}: {len(front)} Pareto-optimal of {len(data)} trials")

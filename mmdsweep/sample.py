@@ -118,7 +118,8 @@ def generate_images(
 
     Sample ``i`` starts from ``eval_noise(num, shape, seed)[i]``, whatever the batch size. With
     ``on_batch(start, images)`` the images are handed over batch by batch and not kept (the
-    function then returns ``None``), so memory stays flat for large ``num``.
+    function then returns ``None``), so memory stays flat for large ``num``. A
+    :class:`~mmdsweep.models.Denoiser` passed in is moved to ``device`` in place.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: expected one of {sorted(SAMPLERS)}")

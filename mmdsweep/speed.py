@@ -108,7 +108,10 @@ def measure_sampling_speed(
     For every T the model first samples ``warmup`` untimed batches, then ``num_images`` images
     in batches of ``batch_size`` (the last one may be smaller) from a synchronised start to a
     synchronised end; ``seconds_per_image`` is that wall time divided by ``num_images``. Noise
-    generation is not timed. ``model`` labels the rows (default: the directory's name).
+    generation is not timed. ``model`` labels the rows (default: the directory's name; pass
+    ``model="base"`` or ``"T5"``, ... for a sweep's ``speed.parquet``, see :func:`speed_per_t`
+    in ``mmdsweep.analysis``). A :class:`~mmdsweep.models.Denoiser` passed in is moved to
+    ``device`` and ``dtype`` in place.
 
     Returns one row per T with the columns of :data:`SPEED_SCHEMA`.
     """

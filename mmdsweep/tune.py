@@ -242,7 +242,7 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
         else None
     )
     t1 = time.time()
-    raytrain.run_sweep(
+    grid = raytrain.run_sweep(
         trainable,
         params=params,
         metrics=metrics,
@@ -262,9 +262,23 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     meta["sweep_seconds"] = round(time.time() - t1, 1)
     meta["prepare_seconds"] = round(prep_s, 1)
     meta["max_concurrent_trials"] = max_conc
+    meta["baseline"] = {**meta.get("baseline", {}), **_baseline(grid)}
+    _write_meta(sdir, meta)
     meta.update(finalize(exp, sdir, meta))
     _write_meta(sdir, meta)
     return meta
+
+
+def _baseline(grid: Any) -> dict[str, dict[str, float]]:
+    """FID/KID of the pretrained model at each T (the trials' "before" evaluations)."""
+    out: dict[str, dict[str, float]] = {}
+    for result in grid:
+        m = result.metrics or {}
+        T, fid = m.get("timesteps"), m.get("fid_before")
+        if T is None or fid is None or not math.isfinite(float(fid)):
+            continue
+        out[str(int(T))] = {"fid": float(fid), "kid": float(m.get("kid_before", math.nan))}
+    return out
 
 
 def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -289,21 +303,18 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
             export_pipeline(ckpt, out, timesteps=int(T))
             exports[str(int(T))] = str(out.relative_to(sdir))
     result: dict[str, Any] = {"exports": exports}
-    try:
-        from mmdsweep import speed
+    _write_meta(sdir, {**meta, **result})
+    from mmdsweep import speed
 
-        ts = sorted({5, 10, 20, 50} | {int(t) for t in trials["timesteps"].dropna().unique()})
-        df = speed.measure_sampling_speed(
-            meta["base_model_dir"],
-            timesteps=tuple(ts),
-            sampler=exp.sampler.name,
-            batch_size=min(64, exp.eval.batch_size),
-            num_images=min(64, exp.eval.num_samples),
-            device=exp.finetune.device,
-        )
-        speed.write_speed_table(sdir, df)
-    except ImportError:
-        pass
+    ts = sorted({5, 10, 20, 50} | {int(t) for t in trials["timesteps"].dropna().unique()})
+    df = speed.measure_sweep_speed(
+        sdir,
+        timesteps=ts,
+        batch_size=min(64, exp.eval.batch_size),
+        num_images=min(64, exp.eval.num_samples),
+        device=exp.finetune.device,
+    )
+    speed.write_speed_table(sdir, df, sweep_id=meta["sweep_id"])
     return result
 
 

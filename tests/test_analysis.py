@@ -403,3 +403,22 @@ def test_measure_sweep_speed_cli(
     assert "wrote" in capsys.readouterr().out
     assert S.main([str(tmp_path / "nope")]) == 2
     assert math.isfinite(float(df["seconds_per_image"].max()))
+
+
+def test_empty_sweep_just_started(tmp_path: Path) -> None:
+    """The files the results callback writes before the first trial: every view works, empty."""
+    from mmdsweep import report
+    from mmdsweep.results import METRICS_SCHEMA, atomic_write_table, file_metadata, trials_schema
+
+    types = {"finetune.lr": "float"}
+    meta = file_metadata("trials", "e1", "exp", types)
+    atomic_write_table(trials_schema(types).with_metadata(meta).empty_table(), tmp_path / "trials.parquet")
+    atomic_write_table(METRICS_SCHEMA.with_metadata(meta).empty_table(), tmp_path / "metrics.parquet")
+    s = A.load_sweep(tmp_path)
+    assert s.sweep_ids == ["e1"] and s.trials.empty
+    assert A.leaderboard(s).empty and A.best_per_t(s).empty and A.pareto_front(s).empty
+    assert A.sensitivity(s).empty and A.summary(s)["trials"].item() == 0
+    assert "no fid evaluations" in A.learning_curves(s).axes[0].texts[0].get_text()
+    assert "no trials" in A.plot_pareto(s).axes[0].texts[0].get_text()
+    html = report.build_report(tmp_path, samples=False).read_text()
+    assert "section failed" not in html and "no rows" in html

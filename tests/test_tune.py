@@ -61,7 +61,7 @@ def test_digits_dry_run_passes(capsys: pytest.CaptureFixture[str]) -> None:
             {"features.train": {"choice": ["classifier", "vgg"]}},
             "search.space.features.train: value 'vgg' is invalid",
         ),
-        ({}, "search.space: is empty"),
+        ({}, "search.space: must be a non-empty mapping"),
     ],
 )
 def test_bad_search_space_fails_before_work(
