@@ -18,6 +18,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,17 +31,57 @@ def _rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def measure(experiment: str, T: int, checkpointing: bool, steps: int, features: str | None) -> dict:
+CIFAR10_UNET = {
+    # the architecture of google/ddpm-cifar10-32 (35.7M parameters), randomly initialised:
+    # step time and memory do not depend on the weights
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [128, 256, 256, 256],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 32,
+    "attention_head_dim": None,
+}
+
+
+def cifar10_arch_overrides(work: Path) -> dict:
+    """Write a random-weight UNet with the CIFAR-10 DDPM architecture and point the experiment at it."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from mmdsweep.models import save_denoiser, scheduler_config_for
+
+    d = work / "cifar10-arch-unet"
+    if not (d / "unet").is_dir():
+        torch.manual_seed(0)
+        save_denoiser(d, UNet2DModel(**CIFAR10_UNET), scheduler_config_for(1000, "linear", 1e-4, 0.02))
+    return {"model.source": "diffusers", "model.path": str(d), "data.resolution": 32, "data.channels": 3}
+
+
+def measure(
+    experiment: str,
+    T: int,
+    checkpointing: bool,
+    steps: int,
+    features: str | None,
+    arch: str = "default",
+    sets: list[str] | None = None,
+) -> dict:
     import torch
 
-    from mmdsweep.config import load_experiment
+    from mmdsweep.config import load_experiment, parse_override
     from mmdsweep.finetune import build_setup, kernel_spec, mmd_loss
     from mmdsweep.sampling import select_timesteps
     from mmdsweep.utils import resolve_device
 
-    overrides = {"sampler.timesteps": T, "sampler.checkpointing": checkpointing}
+    overrides: dict = dict(parse_override(x) for x in sets or [])
+    overrides.update({"sampler.timesteps": T, "sampler.checkpointing": checkpointing})
     if features:
         overrides["features.train"] = features
+    if arch == "cifar10":
+        overrides.update(cifar10_arch_overrides(Path(tempfile.gettempdir()) / "mmdsweep-bench"))
     exp = load_experiment(experiment, overrides)
     device = resolve_device(exp.finetune.device)
     setup = build_setup(exp, device, evaluate=False)
@@ -69,30 +110,32 @@ def measure(experiment: str, T: int, checkpointing: bool, steps: int, features: 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base_rss = _rss_mib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = max(_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
         one_step(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    sec = (time.perf_counter() - t0) / steps
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = {
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
         "T": T,
         "checkpointing": checkpointing,
-        "sec_per_step": sec,
+        "sec_per_step": (time.perf_counter() - t0) / steps,
         "activation_mib": saved["peak"] / 2**20,
-        "peak_rss_delta_mib": max(0.0, peak_after - max(base_rss, peak_before))
-        if device.type != "cuda"
-        else None,
-        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "peak_mib": max(0.0, peak - base),
+        "memory": "cuda max_memory_allocated - allocated before"
+        if device.type == "cuda"
+        else "peak RSS delta",
         "batch_size": exp.finetune.batch_size,
         "features": exp.features.train,
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "arch": arch,
+        "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
     }
-    # RSS peak is dominated by the largest single step; report the ratio-friendly activation bytes too
-    return row
 
 
 def main() -> int:
@@ -101,58 +144,84 @@ def main() -> int:
     ap.add_argument("--timesteps", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--features", help="override features.train")
+    ap.add_argument(
+        "--arch",
+        choices=["default", "cifar10"],
+        default="default",
+        help="the experiment's UNet, or a random-weight UNet with google/ddpm-cifar10-32's architecture",
+    )
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
+    ap.add_argument("--in-process", action="store_true", help="measure all in this process (fine on CUDA)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_cost.md"))
     ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
-        row = measure(args.experiment, int(args._one[0]), args._one[1] == "1", args.steps, args.features)
+        row = measure(
+            args.experiment,
+            int(args._one[0]),
+            args._one[1] == "1",
+            args.steps,
+            args.features,
+            args.arch,
+            args.set,
+        )
         print("ROW " + json.dumps(row))
         return 0
     rows = []
     for ckpt in (True, False):
         for T in args.timesteps:
-            cmd = [
-                sys.executable,
-                __file__,
-                args.experiment,
-                "--steps",
-                str(args.steps),
-                "--_one",
-                str(T),
-                "1" if ckpt else "0",
-            ]
-            if args.features:
-                cmd += ["--features", args.features]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            row = json.loads(next(line for line in out.splitlines() if line.startswith("ROW "))[4:])
+            if args.in_process:
+                row = measure(args.experiment, T, ckpt, args.steps, args.features, args.arch, args.set)
+            else:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    args.experiment,
+                    "--steps",
+                    str(args.steps),
+                    "--arch",
+                    args.arch,
+                ]
+                cmd += ["--_one", str(T), "1" if ckpt else "0"]
+                if args.features:
+                    cmd += ["--features", args.features]
+                cmd += [f"--set={x}" for x in args.set]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                row = json.loads(next(line for line in out.splitlines() if line.startswith("ROW "))[4:])
             rows.append(row)
             print(
-                f"T={T:3d} checkpointing={ckpt!s:5}  {row['sec_per_step']:.2f} s/step  "
-                f"activations {row['activation_mib']:.1f} MiB  peak RSS delta {row['peak_rss_delta_mib']}",
+                f"T={T:3d} checkpointing={ckpt!s:5}  {row['sec_per_step']:.3f} s/step  "
+                f"activations {row['activation_mib']:.1f} MiB  peak {row['peak_mib']:.0f} MiB",
                 flush=True,
             )
 
+    lo, hi = min(args.timesteps), max(args.timesteps)
+
     def ratio(ck: bool, key: str) -> float:
         by_t = {r["T"]: r[key] for r in rows if r["checkpointing"] == ck}
-        lo, hi = min(args.timesteps), max(args.timesteps)
         return by_t[hi] / by_t[lo] if by_t.get(lo) else float("nan")
 
+    r0 = rows[0]
     lines = [
-        f"# Fine-tuning step cost ({rows[0]['device']}, batch {rows[0]['batch_size']}, features {rows[0]['features']}, "
-        f"{args.steps} timed steps each, {time.strftime('%Y-%m-%d')})",
+        f"# Fine-tuning step cost ({r0['device']}, UNet {r0['arch']} {r0['params_m']:.1f}M params, "
+        f"batch {r0['batch_size']}, features {r0['features']}, {args.steps} timed steps each, "
+        f"{time.strftime('%Y-%m-%d')})",
         "",
-        "| T | checkpointing | s/step | activation MiB | peak RSS delta MiB |",
+        f"Peak memory: {r0['memory']}, during the timed steps.",
+        "",
+        "| T | checkpointing | s/step | activation MiB | peak MiB |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        rss = "n/a" if r["peak_rss_delta_mib"] is None else f"{r['peak_rss_delta_mib']:.0f}"
+        ck = "yes" if r["checkpointing"] else "no"
         lines.append(
-            f"| {r['T']} | {'yes' if r['checkpointing'] else 'no'} | {r['sec_per_step']:.2f} | {r['activation_mib']:.1f} | {rss} |"
+            f"| {r['T']} | {ck} | {r['sec_per_step']:.3f} | {r['activation_mib']:.1f} | {r['peak_mib']:.0f} |"
         )
-    lo, hi = min(args.timesteps), max(args.timesteps)
     lines += [
         "",
-        f"Activation memory T={hi} / T={lo}: with checkpointing {ratio(True, 'activation_mib'):.2f}x, "
+        f"Peak memory T={hi} / T={lo}: with checkpointing {ratio(True, 'peak_mib'):.2f}x, "
+        f"without {ratio(False, 'peak_mib'):.2f}x.",
+        f"Saved activations T={hi} / T={lo}: with checkpointing {ratio(True, 'activation_mib'):.2f}x, "
         f"without {ratio(False, 'activation_mib'):.2f}x.",
         f"Step time T={hi} / T={lo}: with checkpointing {ratio(True, 'sec_per_step'):.2f}x, "
         f"without {ratio(False, 'sec_per_step'):.2f}x.",

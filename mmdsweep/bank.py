@@ -148,8 +148,11 @@ class FeatureBank:
         batch_size: int = 256,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        num_workers: int = 0,
     ) -> FeatureBank:
         """Features of every image of ``dataset``, loaded from the cache when present.
+
+        ``num_workers`` DataLoader processes decode images in parallel (large file-backed sets).
 
         Items of ``dataset`` are image tensors ``(C, H, W)`` in ``[-1, 1]`` or
         ``(image, label)`` tuples.  ``feature_fn`` maps a batch ``(B, C, H, W)`` on
@@ -164,7 +167,7 @@ class FeatureBank:
         if path is not None and path.exists():
             return cls.load(path, key=key)
 
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         chunks: list[Tensor] = []
         seen = 0
         iterator: Iterable[Any] = loader

@@ -140,7 +140,13 @@ def build_bank(
     ds = real_dataset(exp, channels)
     key = _key("bank", real_dataset_id(exp), space_key, exp.data.resolution, channels)
     return FeatureBank.build(
-        ds, space, key, cache_root(exp) / "banks", batch_size=exp.eval.batch_size, device=device
+        ds,
+        space,
+        key,
+        cache_root(exp) / "banks",
+        batch_size=exp.eval.batch_size,
+        device=device,
+        num_workers=exp.data.num_workers,
     )
 
 
@@ -154,7 +160,9 @@ def build_reference(
         ds = real_dataset(exp, channels)
         if exp.eval.num_reference is not None and exp.eval.num_reference < len(ds):
             ds = torch.utils.data.Subset(ds, range(exp.eval.num_reference))
-        bank = FeatureBank.build(ds, space, key, None, batch_size=exp.eval.batch_size, device=device)
+        bank = FeatureBank.build(
+            ds, space, key, None, batch_size=exp.eval.batch_size, device=device, num_workers=exp.data.num_workers
+        )
         return bank.features.double().numpy()
 
     return load_or_compute_reference(cache_root(exp) / "refs", key, compute)

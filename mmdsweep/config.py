@@ -635,3 +635,39 @@ def write_resolved(exp: Experiment, directory: str | os.PathLike[str]) -> Path:
 def expand(path: str) -> Path:
     """Expand ``~`` and environment variables in a configured path."""
     return Path(os.path.expandvars(os.path.expanduser(path)))
+
+
+# ----------------------------------------------------------------------------- reference docs
+
+
+def reference_markdown() -> str:
+    """Markdown reference of every section and key with its type and default (docs/configuration.md)."""
+    lines = [
+        "# Experiment configuration reference",
+        "",
+        "Generated from `mmdsweep/config.py` by `python -m mmdsweep.config > docs/configuration.md`;",
+        "a test checks that this file is current. Unknown keys, wrong types and impossible values are",
+        "rejected at load time with `FILE: section.key: message`.",
+        "",
+        "Top level: `name` (string, default `default`), `seed` (integer, default `0`), and the sections below.",
+        "",
+    ]
+    hints = typing.get_type_hints(Experiment)
+    for f in dataclasses.fields(Experiment):
+        tp = hints[f.name]
+        if not dataclasses.is_dataclass(tp):
+            continue
+        doc = " ".join((tp.__doc__ or "").split())
+        lines += [f"## `{f.name}`", "", doc, "", "| key | type | default |", "|---|---|---|"]
+        sub_hints = typing.get_type_hints(tp)
+        instance = tp()  # type: ignore[operator]
+        for sf in dataclasses.fields(tp):
+            default = getattr(instance, sf.name)
+            shown = json.dumps(default) if not isinstance(default, str) else default
+            lines.append(f"| `{sf.name}` | {_type_name(sub_hints[sf.name])} | `{shown}` |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -143,6 +143,7 @@ class RunState:
     kid_before: float = math.nan
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -403,6 +404,11 @@ def run_finetune(
     with _checkpoint_from(reporter) as ckpt:
         if ckpt is not None:
             state = load_training_state(ckpt, model_for_eval, raw if ema is not None else None, optimizer)
+    if state.step >= ft.steps and state.last_metrics:
+        # resumed from the final checkpoint (e.g. the driver died right after it was written):
+        # repeat the final report so that the host records the run as completed
+        reporter.report({**state.last_metrics, "status": "completed"}, None)
+        return RunSummary("completed", state, None, None, _run_dir(reporter))
     before: EvalResult | None = None
     if state.step == 0:
         before = _eval_on_main(setup, model_for_eval)
@@ -452,6 +458,7 @@ def run_finetune(
             metrics = _metrics(exp, state, last, loss_val, bandwidth, "completed" if done else "running")
             metrics.update(extra_metrics or {})
             state.history.append({k: metrics[k] for k in ("step", "loss", "fid", "kid")})
+            state.last_metrics = metrics
             write_ckpt = done or state.step % ckpt_every == 0
             _report(
                 reporter,

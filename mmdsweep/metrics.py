@@ -127,7 +127,15 @@ def fid_from_stats(
         with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             # clean-fid passes scipy's deprecated ``disp`` argument to sqrtm.
             warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
-            value = frechet_distance(mu1, sigma1, mu2, sigma2)
+            try:
+                value = frechet_distance(mu1, sigma1, mu2, sigma2)
+            except TypeError as err:
+                if "disp" not in str(err):
+                    raise
+                # scipy >= 1.18 removed sqrtm's ``disp`` argument, which clean-fid 0.1.35 passes:
+                # compute the same formula here (tests check it equals clean-fid's where both run)
+                _warn_scipy_once(err)
+                value = frechet_distance_same_as_cleanfid(mu1, sigma1, mu2, sigma2)
     except ValueError as err:
         raise ValueError(
             f"fid: clean-fid rejected sqrtm(sigma1 @ sigma2): {err} (expected a real root)"
@@ -135,6 +143,47 @@ def fid_from_stats(
     if printed.getvalue().strip():
         warnings.warn(f"fid: clean-fid: {printed.getvalue().strip()}", MetricWarning, stacklevel=2)
     return float(value)
+
+
+_SCIPY_WARNED: list[bool] = []
+
+
+def _warn_scipy_once(err: Exception) -> None:
+    if not _SCIPY_WARNED:
+        import scipy
+
+        _SCIPY_WARNED.append(True)
+        warnings.warn(
+            f"fid: clean-fid's frechet_distance fails with scipy {scipy.__version__} ({err}); "
+            "using mmdsweep's identical formula instead",
+            MetricWarning,
+            stacklevel=3,
+        )
+
+
+def frechet_distance_same_as_cleanfid(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6):
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``, with clean-fid's handling of
+    a singular product (add ``eps`` to the diagonals) and of a complex root (real part, if the
+    imaginary diagonal is below 1e-3)."""
+    from scipy import linalg
+
+    def root(a: np.ndarray) -> np.ndarray:
+        out = linalg.sqrtm(a)
+        return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+    diff = mu1 - mu2
+    covmean = root(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = root((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 @dataclass

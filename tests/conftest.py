@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,62 @@ def tiny_yaml(tiny_root: Path, tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+SWEEP_SPACE = {
+    # 1e30 makes the first Adam step blow the weights up: that trial must be recorded as diverged
+    "finetune.lr": {"choice": [1.0e-4, 3.0e-4, 1.0e30]},
+    "sampler.timesteps": {"choice": [2, 3]},
+}
+
+
+def sweep_yaml(tiny_root: Path, out: Path, **search: object) -> Path:
+    """A tiny sweep experiment writing under ``out`` (ASHA-friendly: a report every step)."""
+    cfg = tiny_config(tiny_root)
+    cfg["output"]["dir"] = str(out / "results")
+    cfg["finetune"].update({"steps": 4, "eval_every": 1, "grad_clip": None})
+    cfg["search"].update(search)
+    cfg["resources"]["num_cpus"] = 2
+    cfg["resources"]["object_store_memory"] = 200 * 1024 * 1024
+    p = out / "sweep.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def run_tune_cli(args: list[str]) -> subprocess.Popen[str]:
+    """``python -m mmdsweep.tune ARGS --quiet`` in its own process group (so a test can kill it whole)."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmdsweep.tune", *args, "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One real sweep (Optuna + ASHA + Ray Train, 4 trials, one diverging), shared by several tests.
+
+    Returns the sweep's results directory and what the CLI printed.
+    """
+    out = tmp_path_factory.mktemp("sweep")
+    p = sweep_yaml(
+        tiny_root,
+        out,
+        num_samples=4,
+        scheduler="asha",
+        grace_period=1,
+        reduction_factor=2,
+        seed=3,
+        space=SWEEP_SPACE,
+    )
+    proc = run_tune_cli([str(p)])
+    printed, _ = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, printed[-4000:]
+    return out / "results" / "sweep", printed

@@ -102,3 +102,9 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     again = load_experiment(out)
     assert again.to_dict() == exp.to_dict()
     assert yaml.safe_load(out.read_text())["eval"]["num_samples"] == exp.eval.num_samples
+
+
+def test_configuration_reference_is_current() -> None:
+    from mmdsweep.config import reference_markdown
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == reference_markdown()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +96,17 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     out: dict[str, Any] = {}
-    try:
-        _check_gradients(rank, out)
-        _check_collectives(rank, out)
-        dist.barrier()  # nobody tears the FileStore down while a peer still uses it
-    finally:
-        dist.destroy_process_group()
+    _check_gradients(rank, out)
+    _check_collectives(rank, out)
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()  # nobody tears the FileStore down while a peer still uses it
+    dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's C++ threads occasionally abort the process
+    # there ("terminate called without an active exception", seen ~1 in 20 runs under
+    # pytest), after all work is done. Exit code 0 tells spawn() that this rank succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

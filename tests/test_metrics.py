@@ -217,3 +217,33 @@ def test_reference_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(OSError, match="disk full"):
         load_or_compute_reference(tmp_path, "k", lambda: _feats(10, 2, seed=17))
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file remains
+
+
+def test_fallback_frechet_distance_equals_clean_fid() -> None:
+    """The formula used when clean-fid cannot call scipy (>= 1.18) gives clean-fid's value."""
+    from cleanfid.fid import frechet_distance
+
+    from mmdsweep.metrics import feature_stats, frechet_distance_same_as_cleanfid
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 16))
+    b = rng.normal(loc=0.3, scale=1.2, size=(280, 16))
+    (m1, s1), (m2, s2) = feature_stats(a), feature_stats(b)
+    ours = frechet_distance_same_as_cleanfid(m1, s1, m2, s2)
+    assert ours == pytest.approx(float(frechet_distance(m1, s1, m2, s2)), rel=1e-9)
+    assert ours > 0.5
+
+
+def test_fid_survives_a_clean_fid_that_cannot_call_scipy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmdsweep import metrics as M
+
+    def broken(*args: object, **kwargs: object) -> float:
+        raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 8)), rng.normal(loc=0.5, size=(200, 8))
+    expected = M.fid(a, b)
+    monkeypatch.setattr(M, "frechet_distance", broken)
+    with pytest.warns(M.MetricWarning, match="identical formula"):
+        got = M.fid(a, b)
+    assert got == pytest.approx(expected, rel=1e-9)

@@ -60,3 +60,29 @@ def test_notebook_runs_on_synthetic_sweep(tmp_path: Path, monkeypatch: pytest.Mo
     duck = _data(_outputs(nb, "duckdb"), "text/html")
     assert all(tid in duck for tid, t in TRIALS.items() if t[-1]) and "t05" not in duck
     assert _data(_outputs(nb, "duckdb-check"), "text/plain") == str(sum(1 for t in TRIALS.values() if t[-1]))
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_real_sweep(tiny_sweep: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notebook against a sweep that mmdsweep.tune really ran (shared session fixture)."""
+    from mmdsweep.results import read_trials
+
+    sdir, _ = tiny_sweep
+    monkeypatch.setenv("MMDSWEEP_RESULTS", str(sdir))
+    monkeypatch.setenv("MMDSWEEP_NUM_SAMPLES", "16")
+    monkeypatch.setenv("MMDSWEEP_DEVICE", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    trials = read_trials(sdir)
+    leaderboard = _data(_outputs(nb, "leaderboard"), "text/html")
+    assert all(tid in leaderboard for tid in trials["trial_id"])
+    for tag in ("pareto", "curves", "samples"):
+        assert len(_data(_outputs(nb, tag), "image/png")) > 1000, tag
+    finished = trials["best_fid"].notna().sum()
+    assert _data(_outputs(nb, "duckdb-check"), "text/plain") == str(finished)

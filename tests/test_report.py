@@ -240,3 +240,25 @@ def test_failing_section_is_reported(
     text = R.build_report(d, num_samples=4, device="cpu").read_text()
     assert text.count("section failed") == 1 and "T10" in text
     assert "report section 'Samples: base vs fine-tuned' failed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_on_a_real_sweep(tiny_sweep: tuple[Path, str], tmp_path: Path) -> None:
+    """The report of a sweep that mmdsweep.tune really ran: every figure present and decodable."""
+    import json
+
+    sdir, _ = tiny_sweep
+    out = tmp_path / "report"
+    assert R.main([str(sdir), "--out", str(out), "--num-samples", "16", "--device", "cpu"]) == 0
+    html = (out / "report.html").read_text()
+    parser = _Images()
+    parser.feed(html)
+    assert not parser.external
+    exports = json.loads((sdir / "sweep.json").read_text())["exports"]
+    # Pareto (T and time), learning curves, sensitivity, and base + fine-tuned grids per exported T
+    assert len(parser.srcs) >= 4 + 2 * len(exports)
+    for src in parser.srcs:
+        assert _decode_data_uri(src).size[0] > 10
+    for T in exports:
+        assert (out / f"samples_T{T}_base.png").is_file() and (out / f"samples_T{T}_finetuned.png").is_file()
+    assert "diverged" in html

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import duckdb
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_tune_cli, sweep_yaml
 
 from mmdsweep import tune
 from mmdsweep.results import read_metrics, read_trials
@@ -80,54 +79,9 @@ def test_bad_search_space_fails_before_work(
     assert not (tmp_path / "cache").exists()
 
 
-def _sweep_yaml(tiny_root: Path, tmp_path: Path, **search: object) -> Path:
-    from conftest import tiny_config
-
-    cfg = tiny_config(tiny_root)
-    cfg["output"]["dir"] = str(tmp_path / "results")
-    cfg["finetune"].update({"steps": 4, "eval_every": 1, "grad_clip": None})
-    cfg["search"].update(search)
-    cfg["resources"]["num_cpus"] = 2
-    cfg["resources"]["object_store_memory"] = 200 * 1024 * 1024
-    p = tmp_path / "sweep.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
-
-
-def _run_cli(args: list[str], **kw: object) -> subprocess.Popen[str]:
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS")
-    return subprocess.Popen(
-        [sys.executable, "-m", "mmdsweep.tune", *args, "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
 @pytest.mark.slow
-def test_sweep_end_to_end_with_asha_and_a_diverging_trial(tiny_root: Path, tmp_path: Path) -> None:
-    p = _sweep_yaml(
-        tiny_root,
-        tmp_path,
-        num_samples=4,
-        scheduler="asha",
-        grace_period=1,
-        reduction_factor=2,
-        seed=3,
-        space={
-            # 1e30 makes the first Adam step blow the weights up: that trial must diverge
-            "finetune.lr": {"choice": [1.0e-4, 3.0e-4, 1.0e30]},
-            "sampler.timesteps": {"choice": [2, 3]},
-        },
-    )
-    proc = _run_cli([str(p)])
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
-    sdir = tmp_path / "results" / "sweep"
+def test_sweep_end_to_end_with_asha_and_a_diverging_trial(tiny_sweep: tuple[Path, str]) -> None:
+    sdir, out = tiny_sweep
     trials = read_trials(sdir)
     assert len(trials) == 4 and trials["trial_id"].is_unique
     assert set(trials["status"]) <= {"completed", "early-stopped", "diverged"}
@@ -138,15 +92,16 @@ def test_sweep_end_to_end_with_asha_and_a_diverging_trial(tiny_root: Path, tmp_p
     sane = trials[trials["param.finetune.lr"] < 1e20]
     assert len(sane) >= 1 and sane["best_fid"].notna().all()
     assert (sane["status"] != "diverged").all()
-    # metrics: one row per report, readable by duckdb, with the bandwidth and lr columns typed
+    # metrics: one row per report, readable by duckdb
     metrics = read_metrics(sdir)
     assert len(metrics) >= len(sane)
-    n = duckdb.sql(f"select count(*) from '{sdir / 'metrics.parquet'}'").fetchone()[0]  # type: ignore[index]
+    n = duckdb.sql(f"select count(*) from '{sdir / 'metrics.parquet'}'").fetchall()[0][0]
     assert n == len(metrics)
     # the leaderboard and Pareto front were printed, exports load with plain diffusers
     assert "Leaderboard" in out and "Pareto front" in out and "trials.parquet" in out
     meta = json.loads((sdir / "sweep.json").read_text())
     assert meta["exports"], meta
+    assert meta["baseline"] and set(meta["baseline"]) <= {"2", "3"}
     from diffusers import DDIMPipeline
 
     for d in meta["exports"].values():
@@ -166,7 +121,7 @@ def _completed(sdir: Path) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_driver_sigkill_then_resume_keeps_every_trial_once(tiny_root: Path, tmp_path: Path) -> None:
-    p = _sweep_yaml(
+    p = sweep_yaml(
         tiny_root,
         tmp_path,
         num_samples=3,
@@ -175,7 +130,7 @@ def test_driver_sigkill_then_resume_keeps_every_trial_once(tiny_root: Path, tmp_
         space={"finetune.lr": {"loguniform": [1.0e-5, 1.0e-4]}, "sampler.timesteps": {"choice": [2, 3]}},
     )
     sdir = tmp_path / "results" / "sweep"
-    proc = _run_cli([str(p)])
+    proc = run_tune_cli([str(p)])
     deadline = time.time() + 600
     while time.time() < deadline and len(_completed(sdir)) < 1 and proc.poll() is None:
         time.sleep(2)
@@ -186,10 +141,10 @@ def test_driver_sigkill_then_resume_keeps_every_trial_once(tiny_root: Path, tmp_
     proc.wait(timeout=60)
     time.sleep(3)
     # a second plain start refuses to clobber the sweep; --resume continues it
-    again = _run_cli([str(p)])
+    again = run_tune_cli([str(p)])
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 2 and "--resume" in out
-    resumed = _run_cli([str(p), "--resume"])
+    resumed = run_tune_cli([str(p), "--resume"])
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
     trials = read_trials(sdir)
@@ -212,7 +167,7 @@ def test_trial_workers_span_two_nodes(tiny_root: Path, tmp_path: Path) -> None:
 
     from mmdsweep.config import load_experiment
 
-    p = _sweep_yaml(
+    p = sweep_yaml(
         tiny_root,
         tmp_path,
         num_samples=1,
