@@ -27,7 +27,9 @@ def main() -> int:
     ap.add_argument("--cache", default=None, help="pretrain.cache_dir holding the pretrained digits model")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--finetune-steps", type=int, default=100)
-    ap.add_argument("--device", default="cuda", help="cuda (the point of this script), or cpu for a smoke test")
+    ap.add_argument(
+        "--device", default="cuda", help="cuda (the point of this script), or cpu for a smoke test"
+    )
     ap.add_argument("--skip-step-cost", action="store_true")
     args = ap.parse_args()
     import torch

@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("experiment", nargs="?", default=str(ROOT / "experiments" / "digits.yaml"))
     ap.add_argument("--steps", type=int, help="fine-tuning steps (default: the experiment's)")
     ap.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the experiment's)")
+    ap.add_argument("--eval-every", type=int, help="evaluate (and keep the best) every N steps")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
     ap.add_argument("--finetune-timesteps", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--train-spaces", nargs="+", default=None, help="feature spaces to fine-tune in")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
@@ -35,15 +37,17 @@ def main() -> int:
     import torch
 
     from mmdsweep import components as comp
-    from mmdsweep.config import load_experiment
+    from mmdsweep.config import load_experiment, parse_override
     from mmdsweep.finetune import LocalReporter, build_evaluator, evaluate_model, run_finetune
     from mmdsweep.models import load_denoiser
     from mmdsweep.utils import markdown_table, resolve_device, set_threads
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(parse_override(x) for x in args.set)
     if args.steps:
         overrides["finetune.steps"] = args.steps
-        overrides["finetune.eval_every"] = args.steps
+        overrides["finetune.eval_every"] = args.eval_every or args.steps
+    elif args.eval_every:
+        overrides["finetune.eval_every"] = args.eval_every
     if args.lr:
         overrides["finetune.lr"] = args.lr
     exp = load_experiment(args.experiment, overrides)
@@ -115,7 +119,7 @@ def main() -> int:
     total = time.time() - t_all
     lines = [
         f"# Sample quality on the embedded default ({exp.data.dataset} {exp.data.resolution}x{exp.data.resolution}, "
-        f"{device}, {time.strftime('%Y-%m-%d')})",
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {time.strftime('%Y-%m-%d')})",
         "",
         f"Every row: {evaluator.num_samples} samples from the same evaluation noise (seed {evaluator.seed}); "
         f"FID/KID via clean-fid's feature-level functions against {exp.data.split}-split reference features. "
