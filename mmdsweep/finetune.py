@@ -26,14 +26,13 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,6 +43,7 @@ from mmdsweep.config import ConfigError, Experiment, load_experiment, parse_over
 from mmdsweep.evaluation import EvalResult, Evaluator
 from mmdsweep.mmd import KernelSpec, mmd2_unbiased
 from mmdsweep.models import Denoiser, save_denoiser
+from mmdsweep.raytrain import LocalReporter, Reporter
 from mmdsweep.sampling import sample, select_timesteps
 from mmdsweep.utils import atomic_write_text, progress, resolve_device, set_threads
 
@@ -51,71 +51,6 @@ STATE_FILE = "state.json"
 
 
 # ----------------------------------------------------------------------------- reporting
-
-
-class Reporter(Protocol):
-    """What the loop needs from its host: in-process (:class:`LocalReporter`) or Ray Train."""
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None) -> None: ...
-
-    def latest_checkpoint_dir(self) -> Any: ...
-
-
-class LocalReporter:
-    """Keeps checkpoints under ``run_dir/checkpoints`` and metrics in ``run_dir/metrics.jsonl``.
-
-    The best checkpoint (lowest FID) is also kept as ``run_dir/best``.
-    """
-
-    def __init__(self, run_dir: str | Path, keep: int = 2) -> None:
-        self.run_dir = Path(run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.keep = keep
-        self.best_fid = math.inf
-        self.history: list[dict[str, Any]] = []
-        mpath = self.run_dir / "metrics.jsonl"
-        if mpath.is_file():
-            for line in mpath.read_text().splitlines():
-                if line.strip():
-                    self.history.append(json.loads(line))
-            fids = [
-                h["fid"]
-                for h in self.history
-                if isinstance(h.get("fid"), (int, float)) and h["fid"] == h["fid"]
-            ]
-            self.best_fid = min(fids, default=math.inf)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None) -> None:
-        if checkpoint_dir is not None:
-            dst = self.ckpt_root / f"step_{int(metrics['step']):07d}"
-            self.ckpt_root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=self.ckpt_root))
-            shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-            metrics = {**metrics, "checkpoint_path": str(dst)}
-            fid = metrics.get("fid", math.nan)
-            if fid == fid and fid < self.best_fid:
-                self.best_fid = fid
-                best_tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=self.run_dir))
-                shutil.copytree(dst, best_tmp, dirs_exist_ok=True)
-                from mmdsweep.models import replace_dir
-
-                replace_dir(best_tmp, self.run_dir / "best")
-            self._prune()
-        self.history.append(metrics)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-
-    def _prune(self) -> None:
-        ckpts = sorted(self.ckpt_root.glob("step_*"))
-        for old in ckpts[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def latest_checkpoint_dir(self) -> Path | None:
-        ckpts = sorted(p for p in self.ckpt_root.glob("step_*") if (p / STATE_FILE).is_file())
-        return ckpts[-1] if ckpts else None
 
 
 @contextlib.contextmanager

@@ -190,8 +190,13 @@ class LocalReporter:
     """
 
     def __init__(
-        self, run_dir: str | Path, device: str | torch.device | None = None, num_to_keep: int = 2
+        self,
+        run_dir: str | Path,
+        device: str | torch.device | None = None,
+        num_to_keep: int = 2,
+        keep_best: str | None = "fid",
     ) -> None:
+        self.keep_best = keep_best
         self.run_dir = Path(run_dir)
         self.rank = distributed.get_rank()
         self.world_size = distributed.get_world_size()
@@ -211,11 +216,17 @@ class LocalReporter:
         return pointer.read_text().strip() if pointer.exists() else None
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
-        """Append metrics and copy the checkpoint (rank 0 only; a barrier on all ranks)."""
+        """Append metrics and copy the checkpoint (rank 0 only; a barrier on all ranks).
+
+        With ``keep_best`` (a metric to minimise), the checkpoint with the lowest value so far is
+        also kept as ``run_dir/best``.
+        """
         if self.rank == 0:
             record = dict(metrics)
             if checkpoint_dir is not None:
-                record["checkpoint_path"] = str(self._save_checkpoint(Path(checkpoint_dir)))
+                saved = self._save_checkpoint(Path(checkpoint_dir))
+                record["checkpoint_path"] = str(saved)
+                self._update_best(record, saved)
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
         if distributed.is_initialized():
@@ -234,6 +245,31 @@ class LocalReporter:
         pointer_tmp.replace(self._ckpt_root / "latest")
         self._prune()
         return self._ckpt_root / name
+
+    def best_value(self) -> float:
+        """The lowest ``keep_best`` metric among the reports with a checkpoint so far."""
+        best = math.inf
+        if self.keep_best and self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                rec = json.loads(line) if line.strip() else {}
+                value = rec.get(self.keep_best)
+                if rec.get("checkpoint_path") and isinstance(value, (int, float)) and value < best:
+                    best = float(value)
+        return best
+
+    def _update_best(self, record: Mapping[str, Any], saved: Path) -> None:
+        value = record.get(self.keep_best) if self.keep_best else None
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value >= self.best_value():
+            return
+        tmp = self.run_dir / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(saved, tmp)
+        old = self.run_dir / ".best.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (self.run_dir / "best").exists():
+            (self.run_dir / "best").rename(old)
+        tmp.rename(self.run_dir / "best")
+        shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
         kept = sorted(p for p in self._ckpt_root.glob("checkpoint_*") if p.is_dir())

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 
 from mmdsweep import analysis as A
 from mmdsweep.results import PARAM_PREFIX, TRIALS_FILE
+from mmdsweep.sample import fail, quiet_diffusers
 from mmdsweep.utils import atomic_write_bytes
 
 REPORT_DIR = "report"
@@ -366,13 +367,6 @@ def _render(sweep: A.Sweep, rep: _Report) -> str:
     )
 
 
-def _quiet_diffusers() -> None:
-    """Silence diffusers' loading chatter (e.g. the ``accelerate`` hint) in the command line tool."""
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mmdsweep.report", description="Write a self-contained HTML report of a sweep."
@@ -386,12 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-samples", action="store_true", help="skip the sample grids")
     args = parser.parse_args(argv)
     if not (Path(args.results_dir) / TRIALS_FILE).is_file():
-        print(
-            f"error: {Path(args.results_dir) / TRIALS_FILE} not found: {args.results_dir} is not a sweep results directory",
-            file=sys.stderr,
+        return fail(
+            f"{Path(args.results_dir) / TRIALS_FILE} not found: {args.results_dir} is not a sweep results directory"
         )
-        return 2
-    _quiet_diffusers()
+    quiet_diffusers()
     t0 = time.perf_counter()
     path = build_report(
         args.results_dir,

@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -79,6 +79,30 @@ def load_model(model: str | os.PathLike[str] | Denoiser) -> Denoiser:
     if isinstance(model, Denoiser):
         return model
     return load_denoiser(str(model))
+
+
+class SamplingModel(NamedTuple):
+    """A model made ready for sampling by :func:`prepare_model`: the denoiser, ``eps(x, t)`` of its
+    UNet (on ``device``, in eval mode), the device and the ``(C, H, W)`` shape of one image."""
+
+    den: Denoiser
+    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+    shape: tuple[int, int, int]
+
+
+def prepare_model(
+    model: str | os.PathLike[str] | Denoiser,
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+) -> SamplingModel:
+    """Resolve ``device`` (``"auto"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``), load ``model``
+    and move its UNet there (and to ``dtype``, if given) in eval mode. A
+    :class:`~mmdsweep.models.Denoiser` passed in is moved in place."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    den = load_model(model)
+    unet = cast(torch.nn.Module, den.unet).to(device=dev, dtype=dtype).eval()
+    return SamplingModel(den, den.eps_fn(unet), dev, (den.channels, den.resolution, den.resolution))
 
 
 def read_state(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -127,11 +151,7 @@ def generate_images(
         raise ValueError(f"eta={eta}: stochastic sampling needs sampler='ddim'")
     if num < 1 or batch_size < 1:
         raise ValueError(f"num={num} and batch_size={batch_size} must be >= 1")
-    den = load_model(model)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    unet = cast(torch.nn.Module, den.unet).to(dev).eval()
-    eps = den.eps_fn(unet)
-    shape = (den.channels, den.resolution, den.resolution)
+    den, eps, dev, shape = prepare_model(model, device)
     steps = select_timesteps(int(timesteps), den.schedule.num_train_timesteps, spacing)
     starts = range(0, num, batch_size)
     bar = progress(starts, desc=f"sampling T={timesteps}", enabled=show_progress, total=len(starts))
@@ -270,9 +290,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """A command line error: ``error: MESSAGE`` on stderr; returns the exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def quiet_diffusers() -> None:
+    """Silence diffusers' loading chatter (e.g. the ``accelerate`` hint) in the command line tools."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,32 +309,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_dir = Path(os.path.expanduser(args.model))
     if not model_dir.exists():
-        return _fail(f"{args.model} does not exist; expected a checkpoint or exported pipeline directory")
+        return fail(f"{args.model} does not exist; expected a checkpoint or exported pipeline directory")
     if not model_dir.is_dir():
-        return _fail(f"{args.model} is a file; expected a checkpoint or exported pipeline directory")
+        return fail(f"{args.model} is a file; expected a checkpoint or exported pipeline directory")
     try:
         kind = output_kind(args.out)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     state = read_state(model_dir)
     timesteps = args.timesteps if args.timesteps is not None else state.get("timesteps")
     if timesteps is None:
-        return _fail(
+        return fail(
             f"--timesteps is required: {model_dir} has no {STATE_FILE} or {EXPORT_META_FILE} to take it from"
         )
     sampler = args.sampler or state.get("sampler") or "ddim"
     spacing = args.spacing or state.get("spacing") or "uniform"
     eta = args.eta if args.eta is not None else float(state.get("eta") or 0.0)
     if args.num < 1 or args.batch_size < 1:
-        return _fail("--num and --batch-size must be >= 1")
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()  # no `accelerate` hint on the command line
+        return fail("--num and --batch-size must be >= 1")
+    quiet_diffusers()
     try:
         device = resolve_device(args.device)
         den = load_model(model_dir)
     except (ModelNotFoundError, ValueError, OSError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     t0 = time.perf_counter()
     try:
         out = write_samples(
@@ -324,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grid_scale=args.grid_scale,
         )
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     elapsed = time.perf_counter() - t0
     what = {"grid": "grid", "npz": "npz (arr_0, uint8 NHWC)", "dir": "directory of PNGs"}[kind]
     print(

@@ -601,6 +601,11 @@ def _dpmpp_2m_model_step(
     return dpmpp_2m_step(x, _call_denoiser(denoiser, x, t), t, t_prev, schedule, history)
 
 
+def _step_pairs(timesteps: Sequence[int]) -> list[tuple[int, int]]:
+    """``(t, t_prev)`` of each step of a descending chain; the last step goes to ``t_prev = -1`` (x_0)."""
+    return list(zip(timesteps, [*timesteps[1:], -1]))
+
+
 def sample_ddim(
     denoiser: Denoiser,
     x_T: Tensor,
@@ -613,8 +618,7 @@ def sample_ddim(
 ) -> Tensor:
     """DDIM chain (Song et al. 2021, Eq. 12) over descending ``timesteps``; ``noise[i]`` is z of step i."""
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for i, (t, t_prev) in enumerate(_step_pairs(timesteps)):
         fn = functools.partial(
             _ddim_model_step, denoiser=denoiser, t=t, t_prev=t_prev, schedule=schedule, eta=eta
         )
@@ -638,8 +642,7 @@ def sample_dpmpp_2m(
     x = x_T
     x0_last: Tensor | None = None
     t_last = -1
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in _step_pairs(timesteps):
         fn = functools.partial(
             _dpmpp_2m_model_step, denoiser=denoiser, t=t, t_prev=t_prev, t_last=t_last, schedule=schedule
         )

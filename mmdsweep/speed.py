@@ -25,14 +25,14 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
 
 from mmdsweep.results import SCHEMA_VERSION, TIMESTAMP_TYPE, atomic_write_table, read_table
+from mmdsweep.sample import fail, prepare_model
 from mmdsweep.sampling import SAMPLERS, sample, select_timesteps
-from mmdsweep.utils import resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,14 +80,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _load(model: str | os.PathLike[str] | Denoiser) -> Denoiser:
-    from mmdsweep.models import Denoiser, load_denoiser
-
-    if isinstance(model, Denoiser):
-        return model
-    return load_denoiser(str(model))
-
-
 @torch.inference_mode()
 def measure_sampling_speed(
     model_dir: str | os.PathLike[str] | Denoiser,
@@ -128,12 +120,8 @@ def measure_sampling_speed(
     ts_list = [int(t) for t in timesteps]
     if not ts_list:
         raise ValueError("timesteps: expected at least one value")
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    den = _load(model_dir)
     torch_dtype = _DTYPES[dtype]
-    unet = cast(torch.nn.Module, den.unet).to(device=dev, dtype=torch_dtype).eval()
-    eps = den.eps_fn(unet)
-    shape = (den.channels, den.resolution, den.resolution)
+    den, eps, dev, shape = prepare_model(model_dir, device, torch_dtype)
     gen = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn((batch_size, *shape), generator=gen).to(device=dev, dtype=torch_dtype)
     sizes = [min(batch_size, num_images - s) for s in range(0, num_images, batch_size)]
@@ -326,10 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     args = parser.parse_args(argv)
     if not (Path(args.results_dir) / "sweep.json").is_file():
-        print(
-            f"error: {args.results_dir}/sweep.json not found: not a sweep results directory", file=sys.stderr
-        )
-        return 2
+        return fail(f"{args.results_dir}/sweep.json not found: not a sweep results directory")
     t0 = time.perf_counter()
     df = measure_sweep_speed(
         args.results_dir,

@@ -126,3 +126,17 @@ def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     printed, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, printed[-4000:]
     return out / "results" / "sweep", printed
+
+
+@pytest.fixture(scope="module")
+def one_thread(request: pytest.FixtureRequest) -> None:
+    """One intra-op torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models on a busy 2-core machine are much faster, and stable, without OpenMP spinning.
+    The previous thread count is restored when the module is done.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))

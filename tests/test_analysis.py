@@ -7,7 +7,6 @@ import io
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -26,14 +25,7 @@ from mmdsweep.evaluation import eval_noise, generate
 from mmdsweep.models import load_denoiser
 from mmdsweep.sampling import select_timesteps
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny models on a busy 2-core machine are much faster without OpenMP spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per module
 
 
 @pytest.fixture(scope="module")

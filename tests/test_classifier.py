@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,7 @@ from mmdsweep.classifier import (
     train_classifier,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: fast and stable on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per module
 
 
 @pytest.fixture(scope="module")

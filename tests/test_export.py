@@ -11,8 +11,9 @@ import torch
 
 from mmdsweep.config import load_experiment
 from mmdsweep.export import export_pipeline
-from mmdsweep.finetune import LocalReporter, run_finetune
+from mmdsweep.finetune import run_finetune
 from mmdsweep.models import load_denoiser
+from mmdsweep.raytrain import LocalReporter
 from mmdsweep.sampling import sample, select_timesteps
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -33,7 +32,10 @@ from mmdsweep.features import (
     torchvision_weights_path,
 )
 
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.(script|save)` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:`torch\.jit\.(script|save)` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),  # conftest.py: one torch thread per module
+]
 
 TINY_CLIP = "mmdsweep-test-tiny-clip"
 TINY_CLIP_CFG = {
@@ -41,15 +43,6 @@ TINY_CLIP_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
 }
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: fast and stable on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _halves(n: int = 2, channels: int = 1, size: int = 16) -> Tensor:

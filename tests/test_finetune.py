@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from mmdsweep import finetune
 from mmdsweep.config import load_experiment
-from mmdsweep.finetune import LocalReporter, build_setup, kernel_spec, mmd_loss, run_finetune
+from mmdsweep.finetune import build_setup, kernel_spec, mmd_loss, run_finetune
+from mmdsweep.raytrain import LocalReporter
 from mmdsweep.sampling import select_timesteps
 
 
@@ -49,14 +50,7 @@ def test_run_reports_evaluations_and_checkpoints(tiny_yaml: Path, tmp_path: Path
     den = load_denoiser(str(best))
     assert den.resolution == 8 and den.channels == 1
     # weights actually changed from the pretrained model
-    base = load_file(
-        Path(summary.run_dir or run_dir).parent
-        / "run"
-        / "checkpoints"
-        / "step_0000004"
-        / "unet"
-        / "diffusion_pytorch_model.safetensors"
-    )
+    base = load_file(Path(rows[-1]["checkpoint_path"]) / "unet" / "diffusion_pytorch_model.safetensors")
     src = finetune.comp.resolve_model_source(exp)
     pre = load_file(Path(src.model_dir) / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(base[k], pre[k]) for k in pre)
@@ -73,8 +67,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_yaml: Path, tmp_path: Path) ->
     summary = run_finetune(exp, LocalReporter(part))
     assert summary.before is None  # no second "before" evaluation: it resumed
     assert [r["step"] for r in _read_metrics(part)] == [2, 4]
-    a = _weights(full / "checkpoints" / "step_0000004")
-    b = _weights(part / "checkpoints" / "step_0000004")
+    a = _weights(Path(_read_metrics(full)[-1]["checkpoint_path"]))
+    b = _weights(Path(_read_metrics(part)[-1]["checkpoint_path"]))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
@@ -100,8 +94,8 @@ def test_non_finite_loss_stops_as_diverged_without_writing_weights(
     rows = _read_metrics(run_dir)
     assert rows[-1]["status"] == "diverged" and math.isnan(rows[-1]["loss"])
     # only the step-2 checkpoint exists, and its weights are finite
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    assert [c.name for c in ckpts] == ["step_0000002"]
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint_*"))
+    assert len(ckpts) == 1 and json.loads((ckpts[0] / "state.json").read_text())["step"] == 2
     assert all(torch.isfinite(v).all() for v in _weights(ckpts[0]).values())
 
 

@@ -193,6 +193,21 @@ def _trainable(storage: Path, *, workers: int, cpus_per_worker: float, toy: dict
     )
 
 
+def _sweep(trainable: Any, storage: Path, name: str, **kw: Any) -> Any:
+    """``rt.run_sweep`` over :data:`SPACE`: one trial at a time minimising ``loss``, FIFO, silent,
+    unless ``kw`` says otherwise."""
+    options: dict[str, Any] = {
+        "metrics": ["loss"],
+        "modes": ["min"],
+        "num_samples": 1,
+        "max_concurrent_trials": 1,
+        "scheduler": None,
+        "verbose": 0,
+        **kw,
+    }
+    return rt.run_sweep(trainable, params=validate_space(SPACE), storage_path=storage, name=name, **options)
+
+
 # --------------------------------------------------------------------------- tests without Ray
 
 
@@ -246,32 +261,11 @@ def test_scheduler_and_argument_checks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown scheduler type"):
         rt.make_scheduler({"type": "pbt"}, ["a"], ["min"])
     with pytest.raises(FileNotFoundError, match="cannot resume"):
-        rt.run_sweep(
-            lambda c: None,
-            params=validate_space(SPACE),
-            metrics=["loss"],
-            modes=["min"],
-            num_samples=1,
-            max_concurrent_trials=1,
-            scheduler=None,
-            storage_path=tmp_path,
-            name="missing",
-            resume=True,
-        )
+        _sweep(lambda c: None, tmp_path, "missing", resume=True)
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "x").touch()
     with pytest.raises(FileExistsError, match="resume=True"):
-        rt.run_sweep(
-            lambda c: None,
-            params=validate_space(SPACE),
-            metrics=["loss"],
-            modes=["min"],
-            num_samples=1,
-            max_concurrent_trials=1,
-            scheduler=None,
-            storage_path=tmp_path,
-            name="exists",
-        )
+        _sweep(lambda c: None, tmp_path, "exists")
     with pytest.raises(ValueError, match="trial_cpus"):
         _trainable(tmp_path, workers=1, cpus_per_worker=1, toy={}, trial_cpus=0)
 
@@ -296,19 +290,16 @@ def test_two_worker_trials_multi_objective_with_optuna_storage(local_ray: None, 
     trainable = _trainable(tmp_path, workers=2, cpus_per_worker=0.25, toy={"steps": steps}, trial_cpus=0.25)
     concurrent = rt.max_concurrent_from_resources(2, 0, 2, 0.25, 0.0, 0.25)
     assert concurrent == 2
-    grid = rt.run_sweep(
+    grid = _sweep(
         trainable,
-        params=validate_space(SPACE),
+        tmp_path,
+        "mo",
         metrics=["loss", "rank_metric"],
         modes=["min", "max"],
         num_samples=2,
         max_concurrent_trials=concurrent,
-        scheduler=None,
-        storage_path=tmp_path,
-        name="mo",
         searcher_seed=0,
         optuna_storage=url,
-        verbose=0,
     )
     assert len(grid) == 2 and grid.num_errors == 0
     for result in _results(grid):
@@ -339,19 +330,15 @@ def test_asha_early_stopping_does_not_deadlock_next_trials(local_ray: None, tmp_
     )
     assert rt.max_concurrent_from_resources(2, 0, 1, 1.5, 0, 0.5) == 1
     t0 = time.monotonic()
-    grid = rt.run_sweep(
+    grid = _sweep(
         trainable,
-        params=validate_space(SPACE),
+        tmp_path,
+        "asha",
         metrics=["level"],  # later trials are worse: ASHA stops them at the first rung
-        modes=["min"],
         num_samples=4,
-        max_concurrent_trials=1,
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 4},
-        storage_path=tmp_path,
-        name="asha",
         searcher_seed=0,
         optuna_storage=f"sqlite:///{tmp_path}/asha.db",
-        verbose=0,
     )
     elapsed = time.monotonic() - t0
     errors = [repr(r.error) for r in _results(grid) if r.error]
@@ -370,18 +357,7 @@ def test_killed_worker_resumes_from_checkpoint(local_ray: None, tmp_path: Path) 
     events.mkdir()
     toy = {"steps": 5, "kill_marker": str(tmp_path / "killed"), "kill_at": 2, "event_dir": str(events)}
     trainable = _trainable(tmp_path, workers=2, cpus_per_worker=0.5, toy=toy, max_failures=1)
-    grid = rt.run_sweep(
-        trainable,
-        params=validate_space(SPACE),
-        metrics=["loss"],
-        modes=["min"],
-        num_samples=1,
-        max_concurrent_trials=1,
-        scheduler=None,
-        storage_path=tmp_path,
-        name="kill",
-        verbose=0,
-    )
+    grid = _sweep(trainable, tmp_path, "kill")
     assert (tmp_path / "killed").exists(), "the worker was never killed"
     result = grid[0]
     assert result.error is None
@@ -417,18 +393,7 @@ def test_two_node_cluster_places_workers_on_both_nodes(no_ray: None, tmp_path: P
             toy={"steps": 2, "gather_nodes": True},
             placement_strategy="SPREAD",
         )
-        grid = rt.run_sweep(
-            trainable,
-            params=validate_space(SPACE),
-            metrics=["loss"],
-            modes=["min"],
-            num_samples=1,
-            max_concurrent_trials=1,
-            scheduler=None,
-            storage_path=tmp_path,
-            name="twonode",
-            verbose=0,
-        )
+        grid = _sweep(trainable, tmp_path, "twonode")
         result = grid[0]
         assert result.error is None
         assert _metrics(result)["n_nodes"] == 2

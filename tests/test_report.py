@@ -12,13 +12,11 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sweep_fixture import build_sweep
 
@@ -50,13 +48,7 @@ EXPECTED_PNGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny models on a busy 2-core machine are much faster without OpenMP spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per module
 
 
 @pytest.fixture(scope="module")

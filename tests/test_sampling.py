@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import diffusers
@@ -50,9 +49,12 @@ DPMSolverMultistepScheduler: Any = diffusers.DPMSolverMultistepScheduler
 UNet2DModel: Any = diffusers.UNet2DModel
 
 TOL = 1e-4
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"  # inside diffusers' DPM
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"  # inside diffusers' DPM
+    ),
+    pytest.mark.usefixtures("one_thread"),  # conftest.py: one torch thread per module
+]
 N = 1000
 # scheduler_config.json of google/ddpm-cifar10-32 (the model MMD-DDM fine-tunes), written out inline
 DDPM_CIFAR10_CONFIG: dict[str, Any] = {
@@ -66,15 +68,6 @@ DDPM_CIFAR10_CONFIG: dict[str, Any] = {
     "trained_betas": None,
     "variance_type": "fixed_large",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models are dominated by thread hand-off on a busy 2-core machine; one thread is ~10x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

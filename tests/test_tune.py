@@ -44,7 +44,7 @@ def test_digits_dry_run_passes(capsys: pytest.CaptureFixture[str]) -> None:
     rc = tune.main([str(ROOT / "experiments" / "digits.yaml"), "--dry-run"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "search: 5 parameters" in out
+    assert "search: 4 parameters" in out
     assert "features: torchvision:mobilenet_v2: ok" in out
 
 
