@@ -161,7 +161,13 @@ def build_reference(
         if exp.eval.num_reference is not None and exp.eval.num_reference < len(ds):
             ds = torch.utils.data.Subset(ds, range(exp.eval.num_reference))
         bank = FeatureBank.build(
-            ds, space, key, None, batch_size=exp.eval.batch_size, device=device, num_workers=exp.data.num_workers
+            ds,
+            space,
+            key,
+            None,
+            batch_size=exp.eval.batch_size,
+            device=device,
+            num_workers=exp.data.num_workers,
         )
         return bank.features.double().numpy()
 

@@ -34,12 +34,16 @@ class EvalResult:
     sample_time_per_image_s: float = float("nan")
 
 
-def eval_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
-    """The fixed evaluation noise: sample ``i`` depends only on (seed, i), not on the batch size."""
+NOISE_SEED_STRIDE = 1_000_003
+
+
+def eval_noise(n: int, shape: Sequence[int], seed: int, start: int = 0) -> torch.Tensor:
+    """The fixed evaluation noise of samples ``start .. start+n-1``: sample ``i`` depends only on
+    (seed, i), not on the batch size or on which slice is asked for."""
     out = torch.empty((n, *shape))
-    for i in range(n):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        out[i] = torch.randn(tuple(shape), generator=g)
+    for j in range(n):
+        g = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + start + j)
+        out[j] = torch.randn(tuple(shape), generator=g)
     return out
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import numpy as np
 import torch
 
+from mmdsweep.evaluation import NOISE_SEED_STRIDE, eval_noise
 from mmdsweep.sampling import SAMPLERS, TIMESTEP_SPACINGS, sample_ddim, sample_dpmpp_2m, select_timesteps
 from mmdsweep.utils import atomic_write_bytes, progress, resolve_device, save_grid, to_uint8
 
@@ -50,17 +51,13 @@ if TYPE_CHECKING:
 STATE_FILE = "state.json"
 EXPORT_META_FILE = "mmdsweep.json"
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
-NOISE_SEED_STRIDE = 1_000_003  # as in mmdsweep.evaluation.eval_noise
+
 _STEP_NOISE_OFFSET = 1 << 48  # separate stream for the per-step DDIM noise (eta > 0)
 
 
 def sample_noise(start: int, stop: int, shape: Sequence[int], seed: int) -> torch.Tensor:
     """Initial noise of samples ``start..stop-1``: rows ``start:stop`` of ``eval_noise(stop, shape, seed)``."""
-    out = torch.empty((stop - start, *shape))
-    for j, i in enumerate(range(start, stop)):
-        g = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + i)
-        out[j] = torch.randn(tuple(shape), generator=g)
-    return out
+    return eval_noise(stop - start, shape, seed, start=start)
 
 
 def _step_noise(start: int, stop: int, steps: int, shape: Sequence[int], seed: int) -> torch.Tensor:
