@@ -23,7 +23,7 @@ def test_digits_experiment_loads_with_defaults() -> None:
     assert exp.name == "digits"
     assert exp.data.dataset == "digits"
     assert exp.sampler.timesteps == 5
-    assert exp.finetune.lr == pytest.approx(5e-5)
+    assert exp.finetune.lr == pytest.approx(2e-5)
     assert exp.search.space["sampler.timesteps"] == {"choice": [5, 10]}
     # a default that the YAML does not set
     assert exp.eval.kid_subsets == 10
