@@ -621,6 +621,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+def cli_parser(prog: str, description: str) -> Any:
+    """An ``argparse`` parser with the arguments every experiment CLI shares (file, ``--set``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return ap
+
+
 def write_resolved(exp: Experiment, directory: str | os.PathLike[str]) -> Path:
     """Write the resolved config (all defaults filled in) as ``config.yaml`` and ``config.json``."""
     d = Path(directory)

@@ -20,7 +20,6 @@ writes no weights.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -39,7 +38,14 @@ from safetensors.torch import load_file, save_file
 
 from mmdsweep import components as comp
 from mmdsweep import distributed as dist_utils
-from mmdsweep.config import ConfigError, Experiment, load_experiment, parse_override, write_resolved
+from mmdsweep.config import (
+    ConfigError,
+    Experiment,
+    cli_parser,
+    load_experiment,
+    parse_override,
+    write_resolved,
+)
 from mmdsweep.evaluation import EvalResult, Evaluator
 from mmdsweep.mmd import KernelSpec, mmd2_unbiased
 from mmdsweep.models import Denoiser, save_denoiser
@@ -480,12 +486,10 @@ def format_result(label: str, r: EvalResult | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mmdsweep.finetune",
-        description="Run one MMD-DDM fine-tuning run in this process (the loop that Ray Train runs per worker).",
+    ap = cli_parser(
+        "python -m mmdsweep.finetune",
+        "Run one MMD-DDM fine-tuning run in this process (the loop that Ray Train runs per worker).",
     )
-    ap.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--run-dir", help="output directory (default: <output.dir>/finetune-T<T>)")
     ap.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="validate the experiment and its files, then stop")

@@ -14,7 +14,6 @@ configuration that affects them, so a second call costs nothing.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from mmdsweep import classifier as clf
 from mmdsweep import data as data_mod
-from mmdsweep.config import ConfigError, Experiment, expand, load_experiment
+from mmdsweep.config import ConfigError, Experiment, cli_parser, expand, load_experiment
 from mmdsweep.models import build_unet, load_denoiser, replace_dir, save_denoiser, scheduler_config_for
 from mmdsweep.sampling import NoiseSchedule, sample, select_timesteps
 from mmdsweep.utils import progress, save_grid, set_threads
@@ -145,15 +144,9 @@ def run_pretrain(exp: Experiment, *, force: bool = False, show_progress: bool = 
             return hit
     set_threads(exp.finetune.threads)
     t0 = time.time()
-    ds = data_mod.build_dataset(
-        exp.data.dataset,
-        root=exp.data.root,
-        resolution=exp.data.resolution,
-        split=exp.data.split,
-        max_images=exp.data.max_images,
-        seed=exp.seed,
-        channels=exp.data.channels,
-    )
+    from mmdsweep.components import real_dataset
+
+    ds = real_dataset(exp)
     images, labels = data_mod.load_tensor(ds)
     ema, info = train_ddpm(images, exp, show_progress=show_progress)
     t_ddpm = time.time() - t0
@@ -214,12 +207,10 @@ def run_pretrain(exp: Experiment, *, force: bool = False, show_progress: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mmdsweep.pretrain",
-        description="Train (or fetch from the cache) the embedded default's DDPM and domain classifier.",
+    ap = cli_parser(
+        "python -m mmdsweep.pretrain",
+        "Train (or fetch from the cache) the embedded default's DDPM and domain classifier.",
     )
-    ap.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--force", action="store_true", help="retrain even if a cached result exists")
     ap.add_argument("--dry-run", action="store_true", help="validate the experiment and stop")
     args = ap.parse_args(argv)

@@ -12,7 +12,6 @@ example on a cluster started with ``ray up cluster.yaml``) and starts a local Ra
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from typing import Any
 from mmdsweep.config import (
     ConfigError,
     Experiment,
+    cli_parser,
     expand,
     from_dict,
     load_experiment,
@@ -382,12 +382,10 @@ def pareto_front(trials: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mmdsweep.tune",
-        description="Sweep MMD-DDM fine-tuning hyper-parameters with Ray Tune + Optuna (trials run in Ray Train).",
+    ap = cli_parser(
+        "python -m mmdsweep.tune",
+        "Sweep MMD-DDM fine-tuning hyper-parameters with Ray Tune + Optuna (trials run in Ray Train).",
     )
-    ap.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     ap.add_argument(
         "--dry-run", action="store_true", help="validate the experiment, search space and files, then stop"
