@@ -214,7 +214,8 @@ class KernelConfig:
 
 @dataclass
 class FinetuneConfig:
-    """The MMD-DDM fine-tuning loop (one per worker)."""
+    """The MMD-DDM fine-tuning loop (one per worker). Checkpoints are written with evaluations
+    (every ``eval_every`` steps) whose step is a multiple of ``checkpoint_every`` (null: every one)."""
 
     steps: int = 150
     batch_size: int = 64

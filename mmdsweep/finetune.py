@@ -411,8 +411,6 @@ def run_finetune(
                 state,
                 write_ckpt,
             )
-        elif ckpt_every and state.step % ckpt_every == 0:
-            pass  # checkpoints are written with evaluations so that each carries its scores
     if hasattr(bar, "close"):
         bar.close()
     if status == "diverged":

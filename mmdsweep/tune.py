@@ -193,8 +193,6 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     write_resolved(exp, sdir)
     (sdir / "config.yaml").replace(sdir / "experiment.yaml")
     (sdir / "config.json").unlink(missing_ok=True)
-    if exp.search.storage and exp.search.storage.startswith("sqlite:///") and not resume:
-        pass
     t0 = time.time()
     prepare_caches(exp, params)
     src = comp.resolve_model_source(exp, allow_pretrain=False)
