@@ -35,8 +35,8 @@ def main() -> int:
     import torch
 
     from mmdsweep.config import load_experiment
-    from mmdsweep.finetune import LocalReporter, build_setup, run_finetune
-    from mmdsweep.sampling import sample, select_timesteps
+    from mmdsweep.core.sampling import sample, select_timesteps
+    from mmdsweep.train.loop import LocalReporter, build_setup, run_finetune
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,10 +36,10 @@ def main() -> int:
 
     import torch
 
-    from mmdsweep import components as comp
+    from mmdsweep.assets import components as comp
+    from mmdsweep.assets.models import load_denoiser
     from mmdsweep.config import load_experiment, parse_override
-    from mmdsweep.finetune import LocalReporter, build_evaluator, evaluate_model, run_finetune
-    from mmdsweep.models import load_denoiser
+    from mmdsweep.train.loop import LocalReporter, build_evaluator, evaluate_model, run_finetune
     from mmdsweep.utils import markdown_table, resolve_device, set_threads
 
     overrides: dict[str, Any] = dict(parse_override(x) for x in args.set)
@@ -96,7 +96,7 @@ def main() -> int:
                 shutil.rmtree(run_dir)
             t0 = time.time()
             setup_exp = run_exp
-            from mmdsweep.finetune import build_setup
+            from mmdsweep.train.loop import build_setup
 
             setup = build_setup(setup_exp, device, evaluate=False)
             setup.evaluator = evaluator

@@ -33,9 +33,9 @@ def main() -> int:
 
     import torch
 
-    from mmdsweep import raytrain
     from mmdsweep.config import load_experiment, parse_override
-    from mmdsweep.finetune import LocalReporter, run_finetune
+    from mmdsweep.sweep import raytrain
+    from mmdsweep.train.loop import LocalReporter, run_finetune
     from mmdsweep.tune import prepare_caches, worker_loop
     from mmdsweep.utils import markdown_table
 

@@ -51,7 +51,7 @@ def cifar10_arch_overrides(work: Path) -> dict:
     import torch
     from diffusers import UNet2DModel
 
-    from mmdsweep.models import save_denoiser, scheduler_config_for
+    from mmdsweep.assets.models import save_denoiser, scheduler_config_for
 
     d = work / "cifar10-arch-unet"
     if not (d / "unet").is_dir():
@@ -72,8 +72,8 @@ def measure(
     import torch
 
     from mmdsweep.config import load_experiment, parse_override
-    from mmdsweep.finetune import build_setup, kernel_spec, mmd_loss
-    from mmdsweep.sampling import select_timesteps
+    from mmdsweep.core.sampling import select_timesteps
+    from mmdsweep.train.loop import build_setup, kernel_spec, mmd_loss
     from mmdsweep.utils import resolve_device
 
     overrides: dict = dict(parse_override(x) for x in sets or [])

@@ -34,9 +34,9 @@ def evaluate_table(
 ) -> list[dict[str, Any]]:
     import torch
 
-    from mmdsweep import components as comp
-    from mmdsweep.finetune import build_evaluator
-    from mmdsweep.models import load_denoiser
+    from mmdsweep.assets import components as comp
+    from mmdsweep.assets.models import load_denoiser
+    from mmdsweep.train.loop import build_evaluator
     from mmdsweep.utils import resolve_device, set_threads
 
     set_threads(exp.finetune.threads)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_samples is not None:
             overrides["eval.num_samples"] = args.num_samples
         exp = experiment_for(ckpt, args.experiment, overrides)
-        from mmdsweep.models import check_model_path
+        from mmdsweep.assets.models import check_model_path
 
         check_model_path(str(ckpt))
         timesteps = args.timesteps or [exp.sampler.timesteps]

@@ -47,8 +47,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     """The Ray Train per-worker loop: the engine's fine-tuning loop with the trial's parameters."""
     import torch
 
-    from mmdsweep import raytrain
-    from mmdsweep.finetune import run_finetune
+    from mmdsweep.sweep import raytrain
+    from mmdsweep.train.loop import run_finetune
 
     exp = from_dict(config["experiment"], source=config.get("source", "<sweep>"))
     exp = exp.with_overrides(config.get("params", {}))
@@ -67,7 +67,7 @@ def _placement() -> dict[str, Any]:
     """How many workers and distinct Ray nodes this trial runs on (reported with every result)."""
     import ray
 
-    from mmdsweep import distributed as du
+    from mmdsweep.train import distributed as du
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     nodes = [node]
@@ -101,7 +101,7 @@ def objectives(exp: Experiment) -> tuple[list[str], list[str]]:
 
 def validate_sweep(exp: Experiment) -> list[Any]:
     """Check the search space against the experiment: every key exists and every value validates."""
-    from mmdsweep import search
+    from mmdsweep.sweep import search
 
     try:
         params = search.validate_space(exp.search.space, where="search.space")
@@ -132,8 +132,8 @@ def prepare_caches(exp: Experiment, params: list[Any]) -> None:
     """Pretrain (if needed) and compute feature banks / reference statistics once, before the trials."""
     import torch
 
-    from mmdsweep import components as comp
-    from mmdsweep.finetune import build_evaluator
+    from mmdsweep.assets import components as comp
+    from mmdsweep.train.loop import build_evaluator
 
     device = torch.device("cpu")
     src = comp.resolve_model_source(exp, allow_pretrain=True)
@@ -181,9 +181,9 @@ def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
 
 def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
     """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``)."""
-    from mmdsweep import components as comp
-    from mmdsweep import raytrain, search
+    from mmdsweep.assets import components as comp
     from mmdsweep.results import ParquetResultsCallback
+    from mmdsweep.sweep import raytrain, search
 
     params = validate_sweep(exp)
     comp.preflight(exp)
@@ -281,7 +281,7 @@ def _baseline(grid: Any) -> dict[str, dict[str, float]]:
 
 def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Export the best checkpoint per T and measure sampling speed for the Pareto front."""
-    from mmdsweep.export import export_pipeline
+    from mmdsweep.inference.export import export_pipeline
     from mmdsweep.results import read_trials
 
     trials = read_trials(sdir)
@@ -302,7 +302,7 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
             exports[str(int(T))] = str(out.relative_to(sdir))
     result: dict[str, Any] = {"exports": exports}
     _write_meta(sdir, {**meta, **result})
-    from mmdsweep import speed
+    from mmdsweep.inference import speed
 
     ts = sorted({5, 10, 20, 50} | {int(t) for t in trials["timesteps"].dropna().unique()})
     df = speed.measure_sweep_speed(
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     ap.add_argument("--quiet", action="store_true", help="no Tune progress table")
     args = ap.parse_args(argv)
-    from mmdsweep import components as comp
+    from mmdsweep.assets import components as comp
 
     try:
         overrides = dict(parse_override(s) for s in args.set)

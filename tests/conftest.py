@@ -50,7 +50,7 @@ def tiny_config(root: Path) -> dict:
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding ``tiny.yaml`` with the pretrained model already in its cache."""
     from mmdsweep.config import load_experiment
-    from mmdsweep.pretrain import run_pretrain
+    from mmdsweep.train.pretrain import run_pretrain
 
     root = tmp_path_factory.mktemp("tiny")
     path = root / "tiny.yaml"

@@ -3,10 +3,10 @@
 ``build_sweep(root)`` writes, under ``root``::
 
     sweep/trials.parquet, sweep/metrics.parquet   # mmdsweep.results schema and metadata
-    sweep/speed.parquet                           # mmdsweep.speed.write_speed_table
+    sweep/speed.parquet                           # mmdsweep.inference.speed.write_speed_table
     sweep/sweep.json, sweep/experiment.yaml
     sweep/exported/T5, sweep/exported/T10         # tiny random UNets, diffusers pipeline layout
-                                                  # (T10 with mmdsweep.json, as mmdsweep.export writes)
+                                                  # (T10 with mmdsweep.json, as mmdsweep.inference.export writes)
     sweep/checkpoints/t00                         # a fine-tuning checkpoint (state.json: T=5)
     models/base                                   # the "pretrained" base model
     sweep/optuna.db                               # only with optuna=True
@@ -26,9 +26,9 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from mmdsweep.models import build_unet, save_denoiser, scheduler_config_for
+from mmdsweep.assets.models import build_unet, save_denoiser, scheduler_config_for
+from mmdsweep.inference.speed import write_speed_table
 from mmdsweep.results import METRICS_SCHEMA, atomic_write_table, file_metadata, results_paths, trials_schema
-from mmdsweep.speed import write_speed_table
 
 EXPERIMENT = "digits_mmd"
 PARAM_TYPES = {
@@ -154,7 +154,7 @@ def write_models(root: Path, results_dir: Path) -> Path:
             "unet": ["diffusers", "UNet2DModel"],
         }
         (d / "model_index.json").write_text(json.dumps(index, indent=2))
-        if T == 10:  # as mmdsweep.export writes it (the T5 export has none: --timesteps needed)
+        if T == 10:  # as mmdsweep.inference.export writes it (the T5 export has none: --timesteps needed)
             info = {"num_inference_steps": T, "eta": 0.0, "sampler": "ddim", "spacing": "uniform"}
             (d / "mmdsweep.json").write_text(json.dumps(info, indent=2))
     ckpt = results_dir / "checkpoints" / "t00"

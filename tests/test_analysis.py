@@ -1,4 +1,4 @@
-"""Tests of the analysis API (mmdsweep.analysis) and sampling-speed tables (mmdsweep.speed)."""
+"""Tests of the analysis API (mmdsweep.analysis) and sampling-speed tables (mmdsweep.inference.speed)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from PIL import Image
 from sweep_fixture import BASE_SPEED, BEST_PER_T, EXPORT_SPEED, TRIALS, build_sweep
 
 from mmdsweep import analysis as A
-from mmdsweep import speed as S
-from mmdsweep.evaluation import eval_noise, generate
-from mmdsweep.models import load_denoiser
-from mmdsweep.sampling import select_timesteps
+from mmdsweep.assets.models import load_denoiser
+from mmdsweep.core.sampling import select_timesteps
+from mmdsweep.inference import speed as S
+from mmdsweep.inference.evaluation import eval_noise, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per module
 
@@ -224,7 +224,7 @@ def test_plot_pareto(sweep: A.Sweep) -> None:
         assert "Pareto front" in labels and "base model (before)" in labels
         _png_ok(fig)
     no_speed = A.Sweep(**{**sweep.__dict__, "speed": sweep.speed.iloc[:0]})
-    with pytest.raises(ValueError, match="mmdsweep.speed"):
+    with pytest.raises(ValueError, match="mmdsweep.inference.speed"):
         A.plot_pareto(no_speed, x="seconds_per_image")
 
 
@@ -399,7 +399,7 @@ def test_measure_sweep_speed_cli(
 
 def test_empty_sweep_just_started(tmp_path: Path) -> None:
     """The files the results callback writes before the first trial: every view works, empty."""
-    from mmdsweep import report
+    from mmdsweep.analysis import report
     from mmdsweep.results import METRICS_SCHEMA, atomic_write_table, file_metadata, trials_schema
 
     types = {"finetune.lr": "float"}

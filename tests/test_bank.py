@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.bank.FeatureBank: building, on-disk caching, key checks, sampling."""
+"""Tests for mmdsweep.assets.bank.FeatureBank: building, on-disk caching, key checks, sampling."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from mmdsweep import bank as bank_mod
-from mmdsweep.bank import FeatureBank, cache_path
+from mmdsweep.assets import bank as bank_mod
+from mmdsweep.assets.bank import FeatureBank, cache_path
 
 
 class _Images(Dataset):

@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.classifier on scikit-learn's digits (16x16 grayscale in [-1, 1])."""
+"""Tests for mmdsweep.assets.classifier on scikit-learn's digits (16x16 grayscale in [-1, 1])."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch import Tensor
 
-from mmdsweep.classifier import (
+from mmdsweep.assets.classifier import (
     DomainClassifier,
     MissingWeightsError,
     accuracy,

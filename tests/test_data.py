@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.data: every dataset is loaded from tiny fixtures in its real on-disk format."""
+"""Tests for mmdsweep.assets.data: every dataset is loaded from tiny fixtures in its real on-disk format."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmdsweep.data import (
+from mmdsweep.assets.data import (
     DATASETS,
     DatasetError,
     DatasetNotFoundError,

@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.distributed, with real 2-process gloo groups."""
+"""Tests for mmdsweep.train.distributed, with real 2-process gloo groups."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mmdsweep import distributed as d
+from mmdsweep.train import distributed as d
 
 WORLD = 2
 BATCH = 8  # global batch, split evenly over the ranks

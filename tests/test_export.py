@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from mmdsweep.assets.models import load_denoiser
 from mmdsweep.config import load_experiment
-from mmdsweep.export import export_pipeline
-from mmdsweep.finetune import run_finetune
-from mmdsweep.models import load_denoiser
-from mmdsweep.raytrain import LocalReporter
-from mmdsweep.sampling import sample, select_timesteps
+from mmdsweep.core.sampling import sample, select_timesteps
+from mmdsweep.inference.export import export_pipeline
+from mmdsweep.train.loop import run_finetune
+from mmdsweep.train.reporting import LocalReporter
 
 
 @pytest.fixture(scope="module")

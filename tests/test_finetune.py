@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmdsweep import finetune
 from mmdsweep.config import load_experiment
-from mmdsweep.finetune import build_setup, kernel_spec, mmd_loss, run_finetune
-from mmdsweep.raytrain import LocalReporter
-from mmdsweep.sampling import select_timesteps
+from mmdsweep.core.sampling import select_timesteps
+from mmdsweep.train import loop as finetune
+from mmdsweep.train.loop import build_setup, kernel_spec, mmd_loss, run_finetune
+from mmdsweep.train.reporting import LocalReporter
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -45,7 +45,7 @@ def test_run_reports_evaluations_and_checkpoints(tiny_yaml: Path, tmp_path: Path
     state = json.loads((best / "state.json").read_text())
     assert state["step"] in (2, 4) and state["timesteps"] == 3
     assert (best / "train_state" / "optimizer.pt").is_file()
-    from mmdsweep.models import load_denoiser
+    from mmdsweep.assets.models import load_denoiser
 
     den = load_denoiser(str(best))
     assert den.resolution == 8 and den.channels == 1
@@ -125,7 +125,7 @@ def test_finetuning_lowers_the_training_objective(tiny_yaml: Path, tmp_path: Pat
 def _dist_worker(rank: int, world: int, init_file: str, yaml_path: str, out: str) -> None:
     import torch.distributed as dist
 
-    from mmdsweep import distributed as du
+    from mmdsweep.train import distributed as du
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

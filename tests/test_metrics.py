@@ -1,5 +1,5 @@
-"""Tests for mmdsweep.metrics (FID/KID via clean-fid, cached reference stats) and their
-agreement with mmdsweep.mmd."""
+"""Tests for mmdsweep.assets.metrics (FID/KID via clean-fid, cached reference stats) and their
+agreement with mmdsweep.core.mmd."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import scipy.linalg
 import torch
 from cleanfid.fid import fid_from_feats, kernel_distance
 
-from mmdsweep import metrics
-from mmdsweep.bank import cache_path
-from mmdsweep.metrics import (
+from mmdsweep.assets import metrics
+from mmdsweep.assets.bank import cache_path
+from mmdsweep.assets.metrics import (
     MetricWarning,
     ReferenceStats,
     feature_stats,
@@ -23,7 +23,7 @@ from mmdsweep.metrics import (
     kid,
     load_or_compute_reference,
 )
-from mmdsweep.mmd import KernelSpec, mmd2_unbiased
+from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
 
 
 def _feats(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -223,7 +223,7 @@ def test_fallback_frechet_distance_equals_clean_fid() -> None:
     """The formula used when clean-fid cannot call scipy (>= 1.18) gives clean-fid's value."""
     from cleanfid.fid import frechet_distance
 
-    from mmdsweep.metrics import feature_stats, frechet_distance_same_as_cleanfid
+    from mmdsweep.assets.metrics import feature_stats, frechet_distance_same_as_cleanfid
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(300, 16))
@@ -235,7 +235,7 @@ def test_fallback_frechet_distance_equals_clean_fid() -> None:
 
 
 def test_fid_survives_a_clean_fid_that_cannot_call_scipy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmdsweep import metrics as M
+    from mmdsweep.assets import metrics as M
 
     def broken(*args: object, **kwargs: object) -> float:
         raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")

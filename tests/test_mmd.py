@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.mmd: kernels, median heuristic and the unbiased MMD^2 estimator."""
+"""Tests for mmdsweep.core.mmd: kernels, median heuristic and the unbiased MMD^2 estimator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mmdsweep.mmd import (
+from mmdsweep.core.mmd import (
     KernelSpec,
     KernelType,
     imq_kernel,

@@ -1,6 +1,6 @@
 """End-to-end tests of the Ray Tune + Ray Train (V2) plumbing with a toy per-worker loop.
 
-The toy loop follows the per-worker contract of mmdsweep.raytrain: it gets its
+The toy loop follows the per-worker contract of mmdsweep.sweep.raytrain: it gets its
 reporter from the config, resumes from ``latest_checkpoint_dir()``, all-reduces
 its metrics and reports (with a checkpoint) on every rank each step.
 
@@ -28,9 +28,10 @@ import ray
 import torch
 import torch.distributed as dist
 
-from mmdsweep import raytrain as rt
-from mmdsweep.distributed import all_reduce_metrics, average_gradients, broadcast_object
-from mmdsweep.search import validate_space
+from mmdsweep.sweep import raytrain as rt
+from mmdsweep.sweep.search import validate_space
+from mmdsweep.train.distributed import all_reduce_metrics, average_gradients, broadcast_object
+from mmdsweep.train.reporting import LocalReporter
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECT_STORE = 150 * 1024 * 1024
@@ -230,11 +231,11 @@ def test_local_reporter_runs_the_same_loop_and_resumes(tmp_path: Path) -> None:
     rt.run_local(toy_loop, base_loop_config={"toy": {"steps": 5}}, params={}, run_dir=tmp_path)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and lines[-1]["step"] == 4
-    reporter = rt.LocalReporter(tmp_path)
+    reporter = LocalReporter(tmp_path)
     assert isinstance(reporter, rt.Reporter) and reporter.rank == 0 and reporter.world_size == 1
     with reporter.latest_checkpoint_dir() as d:
         assert d is not None and torch.load(d / "state.pt")["step"] == 4
-    with rt.LocalReporter(tmp_path / "fresh").latest_checkpoint_dir() as d:
+    with LocalReporter(tmp_path / "fresh").latest_checkpoint_dir() as d:
         assert d is None
 
 
@@ -407,8 +408,9 @@ def test_two_node_cluster_places_workers_on_both_nodes(no_ray: None, tmp_path: P
 DRIVER_SCRIPT = """
 import json, sys
 from pathlib import Path
-from mmdsweep import raytrain as rt
-from mmdsweep.search import validate_space
+from mmdsweep.sweep import raytrain as rt
+from mmdsweep.train.reporting import LocalReporter
+from mmdsweep.sweep.search import validate_space
 from test_raytrain import OBJECT_STORE, SPACE, toy_loop
 
 mode, root = sys.argv[1], Path(sys.argv[2])

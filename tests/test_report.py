@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from sweep_fixture import build_sweep
 
-from mmdsweep import report as R
+from mmdsweep.analysis import report as R
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [

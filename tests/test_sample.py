@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from sweep_fixture import build_sweep
 
-from mmdsweep import sample as S
-from mmdsweep.evaluation import eval_noise
+from mmdsweep.inference import generate as S
+from mmdsweep.inference.evaluation import eval_noise
 
 NUM = 6
 

@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.sampling: golden comparisons against diffusers' schedulers, gradients, checkpointing.
+"""Tests for mmdsweep.core.sampling: golden comparisons against diffusers' schedulers, gradients, checkpointing.
 
 Equivalent diffusers configurations (documented here because the tests rely on them):
 
@@ -32,7 +32,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mmdsweep.sampling import (
+from mmdsweep.core.sampling import (
     SAMPLERS,
     NoiseSchedule,
     ddim_step,

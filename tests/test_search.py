@@ -1,4 +1,4 @@
-"""Tests for mmdsweep.search: YAML search-space validation and Optuna plumbing."""
+"""Tests for mmdsweep.sweep.search: YAML search-space validation and Optuna plumbing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import optuna
 import pytest
 import yaml
 
-from mmdsweep.search import (
+from mmdsweep.sweep.search import (
     SearchParam,
     close_orphan_trials,
     define_by_run,

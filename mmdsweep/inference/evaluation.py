@@ -2,7 +2,7 @@
 
 Samples are generated from a fixed set of initial noises (seeded by ``eval.seed``), so two
 models, or one model before and after fine-tuning, are compared on identical noise. Features go
-through clean-fid's feature-level functions (:mod:`mmdsweep.metrics`); reference statistics are
+through clean-fid's feature-level functions (:mod:`mmdsweep.assets.metrics`); reference statistics are
 cached on disk. Every result carries the number of samples it was computed from.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mmdsweep import metrics
-from mmdsweep.metrics import ReferenceStats
-from mmdsweep.sampling import NoiseSchedule, sample, select_timesteps
+from mmdsweep.assets import metrics
+from mmdsweep.assets.metrics import ReferenceStats
+from mmdsweep.core.sampling import NoiseSchedule, sample, select_timesteps
 
 
 @dataclass

@@ -16,7 +16,7 @@ without ``pyplot`` (no global figure registry, no backend switch); save them wit
     A.plot_pareto(sweep).savefig("pareto.png")
 
 A results directory holds ``trials.parquet`` and ``metrics.parquet`` (``mmdsweep.results``),
-optionally ``speed.parquet`` (``mmdsweep.speed``) and ``sweep.json`` (base model, exports,
+optionally ``speed.parquet`` (``mmdsweep.inference.speed``) and ``sweep.json`` (base model, exports,
 sampler, Optuna storage). See ``docs/results.md``, "Analysing results".
 """
 
@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from mmdsweep.inference.speed import SPEED_FILE, read_speed_table
 from mmdsweep.results import (
     META_EXPERIMENT_NAME,
     META_PARAM_TYPES,
@@ -47,13 +48,12 @@ from mmdsweep.results import (
     read_trials,
     results_paths,
 )
-from mmdsweep.speed import SPEED_FILE, read_speed_table
 
 if TYPE_CHECKING:
     import duckdb
     import torch
 
-    from mmdsweep.models import Denoiser
+    from mmdsweep.assets.models import Denoiser
 
 SWEEP_FILE = "sweep.json"
 SCORE_COLUMNS = ("best_fid", "best_kid", "final_fid", "final_kid")
@@ -865,10 +865,10 @@ def sample_grid(
 ) -> torch.Tensor:
     """``num`` samples in [-1, 1], ``(num, C, H, W)``, from the evaluation noise of ``seed``.
 
-    Sample ``i`` starts from ``mmdsweep.evaluation.eval_noise(num, shape, seed)[i]``, so grids of
+    Sample ``i`` starts from ``mmdsweep.inference.evaluation.eval_noise(num, shape, seed)[i]``, so grids of
     different models (base vs fine-tuned) share identical noise, image by image.
     """
-    from mmdsweep.sample import generate_images
+    from mmdsweep.inference.generate import generate_images
 
     images = generate_images(
         model_dir,
@@ -936,7 +936,7 @@ def before_after_grids(
     ``tuned_fid`` is the best FID of T's best trial; ``base_fid`` the base model's FID before
     fine-tuning when known (:func:`baseline_fid`). ``timesteps`` restricts the T values.
     """
-    from mmdsweep.sample import load_model
+    from mmdsweep.inference.generate import load_model
 
     sid = sweep_id or sweep.sweep_ids[0]
     meta = sweep.metas[sid]

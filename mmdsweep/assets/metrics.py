@@ -8,7 +8,7 @@
   that clean-fid silently drops (it only rejects > 1e-3 on the diagonal).
 * KID (Binkowski et al. 2018, Sec. 4): unbiased MMD^2 with the cubic kernel
   ``(x.y / d + 1)^3`` averaged over random subsets, computed by
-  ``cleanfid.fid.kernel_distance`` (equal to :func:`mmdsweep.mmd.mmd2_unbiased`
+  ``cleanfid.fid.kernel_distance`` (equal to :func:`mmdsweep.core.mmd.mmd2_unbiased`
   with the default kernel on one full subset).
 
 Reference statistics are cached on disk as ``.npz`` keyed by a caller-given
@@ -28,7 +28,7 @@ import numpy as np
 from cleanfid.fid import frechet_distance, kernel_distance
 from scipy import linalg
 
-from mmdsweep.bank import atomic_path, cache_path
+from mmdsweep.assets.bank import atomic_path, cache_path
 
 __all__ = [
     "MetricWarning",

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmdsweep.models import load_denoiser, replace_dir
+from mmdsweep.assets.models import load_denoiser, replace_dir
 
 
 def export_pipeline(

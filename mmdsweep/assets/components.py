@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from mmdsweep import data as data_mod
-from mmdsweep import features as feat_mod
-from mmdsweep.bank import FeatureBank
+from mmdsweep.assets import data as data_mod
+from mmdsweep.assets import features as feat_mod
+from mmdsweep.assets.bank import FeatureBank
+from mmdsweep.assets.metrics import ReferenceStats, load_or_compute_reference
+from mmdsweep.assets.models import DTYPES, Denoiser, check_model_path, load_denoiser
 from mmdsweep.config import ConfigError, Experiment, expand
-from mmdsweep.metrics import ReferenceStats, load_or_compute_reference
-from mmdsweep.models import DTYPES, Denoiser, check_model_path, load_denoiser
 
 
 def cache_root(exp: Experiment) -> Path:
@@ -42,7 +42,7 @@ def resolve_model_source(exp: Experiment, *, allow_pretrain: bool = True) -> Mod
     if exp.model.source == "diffusers":
         assert exp.model.path is not None
         return ModelSource(exp.model.path, exp.features.classifier_path)
-    from mmdsweep import pretrain
+    from mmdsweep.train import pretrain
 
     art = pretrain.cached(exp)
     if art is None:
@@ -215,7 +215,7 @@ def preflight(exp: Experiment, *, collect: bool = False) -> list[str]:
         path = exp.model.path
         attempt("model", lambda: f"{check_model_path(path, exp.model.unet_subfolder, exp.model.revision)} ok")
     else:
-        from mmdsweep import pretrain
+        from mmdsweep.train import pretrain
 
         state = "cached" if pretrain.cached(exp) else "will be trained first"
         lines.append(f"model: embedded default DDPM ({state}: {pretrain.pretrain_dir(exp)})")
@@ -243,7 +243,7 @@ def report_missing(err: PreflightError) -> int:
 
 
 def check_feature_weights(exp: Experiment, name: str) -> str:
-    """Raise :class:`~mmdsweep.features.MissingWeightsError` if a feature space's weights are absent."""
+    """Raise :class:`~mmdsweep.assets.features.MissingWeightsError` if a feature space's weights are absent."""
     f = exp.features
     if name == "classifier":
         if f.classifier_path is None:

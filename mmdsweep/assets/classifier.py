@@ -41,7 +41,7 @@ _FORMAT_TAG = "mmdsweep.DomainClassifier"
 class MissingWeightsError(FileNotFoundError):
     """Raised when a weights file a network needs is absent; the message says how to get it.
 
-    Re-exported by :mod:`mmdsweep.features`, which is its public home.
+    Re-exported by :mod:`mmdsweep.assets.features`, which is its public home.
     """
 
 
@@ -222,7 +222,7 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
     if not src.is_file():
         raise MissingWeightsError(
             f"domain classifier weights not found at {src}: train one with "
-            "mmdsweep.classifier.train_classifier and save it with save_classifier(model, path), "
+            "mmdsweep.assets.classifier.train_classifier and save it with save_classifier(model, path), "
             "then pass that path as features.classifier_path"
         )
     with safe_open(str(src), framework="pt", device="cpu") as f:

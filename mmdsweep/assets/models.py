@@ -28,7 +28,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 
-from mmdsweep.sampling import NoiseSchedule  # noqa: E402
+from mmdsweep.core.sampling import NoiseSchedule  # noqa: E402
 
 # diffusers' advice about `accelerate` and float32 modules is noise for these small, local loads
 diffusers_logging.set_verbosity_error()

@@ -1,0 +1,361 @@
+"""Sample images from a fine-tuning checkpoint or an exported pipeline.
+
+::
+
+    python -m mmdsweep.sample CHECKPOINT_OR_PIPELINE --timesteps 5 --num 64 --out grid.png
+    python -m mmdsweep.sample results/sweep/exported/T5 --num 50000 --out samples.npz
+    python -m mmdsweep.sample results/sweep/exported/T5 --num 50000 --out samples/
+
+The output kind follows ``--out``:
+
+* ``*.png`` / ``*.jpg``: one image grid;
+* ``*.npz``: every image in one uint8 array ``arr_0`` of shape ``(N, H, W, 3)`` (NHWC, RGB;
+  grayscale models are repeated to three channels), the layout of OpenAI's guided-diffusion
+  FID evaluator and the many tools that copied it;
+* a directory (a path ending in ``/``, an existing directory or a path without a suffix):
+  one PNG per image, ``000000.png``, ``000001.png``, ... as clean-fid's ``compute_fid(dir, ...)``
+  and torch-fidelity read them.
+
+Sample ``i`` starts from the same noise as sample ``i`` of the sweep's evaluation
+(``mmdsweep.inference.evaluation.eval_noise``), so images do not depend on ``--batch-size`` and two
+models sampled with the same ``--seed`` are compared on identical noise. With ``--eta > 0``
+the per-step DDIM noise is drawn per sample as well.
+
+``--timesteps``, ``--sampler``, ``--spacing`` and ``--eta`` default to the values recorded with
+the model: a fine-tuning checkpoint's ``state.json``, or an exported pipeline's ``mmdsweep.json``
+(``num_inference_steps``, written by ``mmdsweep.inference.export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
+
+import numpy as np
+import torch
+
+from mmdsweep.core.sampling import SAMPLERS, TIMESTEP_SPACINGS, sample_ddim, sample_dpmpp_2m, select_timesteps
+from mmdsweep.inference.evaluation import NOISE_SEED_STRIDE, eval_noise
+from mmdsweep.utils import atomic_write_bytes, progress, resolve_device, save_grid, to_uint8
+
+if TYPE_CHECKING:
+    from mmdsweep.assets.models import Denoiser
+
+STATE_FILE = "state.json"
+EXPORT_META_FILE = "mmdsweep.json"
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+_STEP_NOISE_OFFSET = 1 << 48  # separate stream for the per-step DDIM noise (eta > 0)
+
+
+def sample_noise(start: int, stop: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Initial noise of samples ``start..stop-1``: rows ``start:stop`` of ``eval_noise(stop, shape, seed)``."""
+    return eval_noise(stop - start, shape, seed, start=start)
+
+
+def _step_noise(start: int, stop: int, steps: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Per-sample DDIM step noise, shape ``(steps, stop - start, *shape)``."""
+    out = torch.empty((steps, stop - start, *shape))
+    for j, i in enumerate(range(start, stop)):
+        g = torch.Generator().manual_seed(_STEP_NOISE_OFFSET + seed * NOISE_SEED_STRIDE + i)
+        out[:, j] = torch.randn((steps, *shape), generator=g)
+    return out
+
+
+def load_model(model: str | os.PathLike[str] | Denoiser) -> Denoiser:
+    """A :class:`~mmdsweep.assets.models.Denoiser` from a directory (or the object itself)."""
+    from mmdsweep.assets.models import Denoiser, load_denoiser
+
+    if isinstance(model, Denoiser):
+        return model
+    return load_denoiser(str(model))
+
+
+class SamplingModel(NamedTuple):
+    """A model made ready for sampling by :func:`prepare_model`: the denoiser, ``eps(x, t)`` of its
+    UNet (on ``device``, in eval mode), the device and the ``(C, H, W)`` shape of one image."""
+
+    den: Denoiser
+    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+    shape: tuple[int, int, int]
+
+
+def prepare_model(
+    model: str | os.PathLike[str] | Denoiser,
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+) -> SamplingModel:
+    """Resolve ``device`` (``"auto"``, ``"cpu"``, ``"cuda:N"`` or a ``torch.device``), load ``model``
+    and move its UNet there (and to ``dtype``, if given) in eval mode. A
+    :class:`~mmdsweep.assets.models.Denoiser` passed in is moved in place."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    den = load_model(model)
+    unet = cast(torch.nn.Module, den.unet).to(device=dev, dtype=dtype).eval()
+    return SamplingModel(den, den.eps_fn(unet), dev, (den.channels, den.resolution, den.resolution))
+
+
+def read_state(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Sampler settings recorded with a model directory (``{}`` when there are none).
+
+    A checkpoint's ``state.json`` (``timesteps``, ``sampler``, ``spacing``, ``eta``), else an
+    exported pipeline's ``mmdsweep.json`` (``num_inference_steps`` is returned as ``timesteps``).
+    """
+    for name in (STATE_FILE, EXPORT_META_FILE):
+        path = Path(model_dir) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                return {}
+            if "timesteps" not in data and "num_inference_steps" in data:
+                data["timesteps"] = data["num_inference_steps"]
+            return data
+    return {}
+
+
+@torch.inference_mode()
+def generate_images(
+    model: str | os.PathLike[str] | Denoiser,
+    timesteps: int,
+    *,
+    num: int = 64,
+    seed: int = 0,
+    sampler: str = "ddim",
+    spacing: str = "uniform",
+    eta: float = 0.0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor | None:
+    """``num`` images in [-1, 1], shape ``(num, C, H, W)`` on the CPU, sampled with ``timesteps`` steps.
+
+    Sample ``i`` starts from ``eval_noise(num, shape, seed)[i]``, whatever the batch size. With
+    ``on_batch(start, images)`` the images are handed over batch by batch and not kept (the
+    function then returns ``None``), so memory stays flat for large ``num``. A
+    :class:`~mmdsweep.assets.models.Denoiser` passed in is moved to ``device`` in place.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {sorted(SAMPLERS)}")
+    if eta > 0 and sampler != "ddim":
+        raise ValueError(f"eta={eta}: stochastic sampling needs sampler='ddim'")
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num={num} and batch_size={batch_size} must be >= 1")
+    den, eps, dev, shape = prepare_model(model, device)
+    steps = select_timesteps(int(timesteps), den.schedule.num_train_timesteps, spacing)
+    starts = range(0, num, batch_size)
+    bar = progress(starts, desc=f"sampling T={timesteps}", enabled=show_progress, total=len(starts))
+    kept: list[torch.Tensor] = []
+    for start in bar:
+        stop = min(start + batch_size, num)
+        x_T = sample_noise(start, stop, shape, seed).to(dev)
+        if sampler == "ddim":
+            noise = _step_noise(start, stop, len(steps), shape, seed).to(dev) if eta > 0 else None
+            x = sample_ddim(eps, x_T, den.schedule, steps, eta=eta, noise=noise)
+        else:
+            x = sample_dpmpp_2m(eps, x_T, den.schedule, steps)
+        x = x.float().clamp(-1, 1).cpu()
+        if on_batch is not None:
+            on_batch(start, x)
+        else:
+            kept.append(x)
+    if hasattr(bar, "close"):
+        bar.close()
+    return torch.cat(kept) if on_batch is None else None
+
+
+def output_kind(out: str | os.PathLike[str]) -> str:
+    """``"grid"``, ``"npz"`` or ``"dir"`` for an ``--out`` path (see the module docstring)."""
+    text = str(out)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return "dir"
+    suffix = path.suffix.lower()
+    if suffix in GRID_SUFFIXES:
+        return "grid"
+    if suffix == ".npz":
+        return "npz"
+    if suffix == "":
+        return "dir"
+    raise ValueError(f"--out {text}: unknown output kind {suffix!r}; use .png, .jpg, .npz or a directory")
+
+
+def _rgb_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, 3)."""
+    arr = to_uint8(x)
+    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+
+
+def save_npz(images: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write uint8 NHWC ``images`` as ``arr_0`` of an ``.npz`` file (atomically)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=images)
+    out = Path(path)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """One uint8 HWC image as PNG (grayscale as mode ``L``)."""
+    from PIL import Image
+
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+
+
+def write_samples(
+    model: str | os.PathLike[str] | Denoiser,
+    out: str | os.PathLike[str],
+    timesteps: int,
+    *,
+    num: int = 64,
+    seed: int = 0,
+    sampler: str = "ddim",
+    spacing: str = "uniform",
+    eta: float = 0.0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    show_progress: bool = False,
+    grid_scale: int = 1,
+) -> Path:
+    """Sample ``num`` images and write them to ``out`` as a grid, an ``.npz`` or a PNG directory."""
+    kind = output_kind(out)
+    common: dict[str, Any] = dict(
+        num=num,
+        seed=seed,
+        sampler=sampler,
+        spacing=spacing,
+        eta=eta,
+        batch_size=batch_size,
+        device=device,
+        show_progress=show_progress,
+    )
+    if kind == "dir":
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        width = max(6, len(str(num - 1)))
+
+        def write_batch(start: int, x: torch.Tensor) -> None:
+            for j, img in enumerate(to_uint8(x)):
+                save_png(img, directory / f"{start + j:0{width}d}.png")
+
+        generate_images(model, timesteps, on_batch=write_batch, **common)
+        return directory
+    images = generate_images(model, timesteps, **common)
+    assert images is not None
+    if kind == "npz":
+        return save_npz(_rgb_uint8(images), out)
+    nrow = max(1, math.ceil(math.sqrt(num)))
+    return save_grid(images, out, nrow=nrow, scale=grid_scale)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmdsweep.sample",
+        description="Sample images from an mmdsweep checkpoint or exported diffusers pipeline.",
+    )
+    p.add_argument("model", help="checkpoint directory or exported pipeline directory")
+    p.add_argument(
+        "--timesteps",
+        "-T",
+        type=int,
+        default=None,
+        help="sampler steps (default: state.json / mmdsweep.json)",
+    )
+    p.add_argument("--num", "-n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument(
+        "--out", "-o", required=True, help="grid .png/.jpg, .npz, or a directory for one PNG per image"
+    )
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: state.json, else ddim")
+    p.add_argument(
+        "--spacing", choices=TIMESTEP_SPACINGS, default=None, help="default: state.json, else uniform"
+    )
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: state.json, else 0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0, as the sweep's evaluation)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--grid-scale", type=int, default=1, help="nearest-neighbour upscaling of a grid")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def fail(message: str) -> int:
+    """A command line error: ``error: MESSAGE`` on stderr; returns the exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def quiet_diffusers() -> None:
+    """Silence diffusers' loading chatter (e.g. the ``accelerate`` hint) in the command line tools."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mmdsweep.assets.models import ModelNotFoundError
+
+    model_dir = Path(os.path.expanduser(args.model))
+    if not model_dir.exists():
+        return fail(f"{args.model} does not exist; expected a checkpoint or exported pipeline directory")
+    if not model_dir.is_dir():
+        return fail(f"{args.model} is a file; expected a checkpoint or exported pipeline directory")
+    try:
+        kind = output_kind(args.out)
+    except ValueError as exc:
+        return fail(str(exc))
+    state = read_state(model_dir)
+    timesteps = args.timesteps if args.timesteps is not None else state.get("timesteps")
+    if timesteps is None:
+        return fail(
+            f"--timesteps is required: {model_dir} has no {STATE_FILE} or {EXPORT_META_FILE} to take it from"
+        )
+    sampler = args.sampler or state.get("sampler") or "ddim"
+    spacing = args.spacing or state.get("spacing") or "uniform"
+    eta = args.eta if args.eta is not None else float(state.get("eta") or 0.0)
+    if args.num < 1 or args.batch_size < 1:
+        return fail("--num and --batch-size must be >= 1")
+    quiet_diffusers()
+    try:
+        device = resolve_device(args.device)
+        den = load_model(model_dir)
+    except (ModelNotFoundError, ValueError, OSError) as exc:
+        return fail(str(exc))
+    t0 = time.perf_counter()
+    try:
+        out = write_samples(
+            den,
+            args.out,
+            int(timesteps),
+            num=args.num,
+            seed=args.seed,
+            sampler=sampler,
+            spacing=spacing,
+            eta=eta,
+            batch_size=args.batch_size,
+            device=device,
+            show_progress=not args.quiet and args.num > args.batch_size,
+            grid_scale=args.grid_scale,
+        )
+    except ValueError as exc:
+        return fail(str(exc))
+    elapsed = time.perf_counter() - t0
+    what = {"grid": "grid", "npz": "npz (arr_0, uint8 NHWC)", "dir": "directory of PNGs"}[kind]
+    print(
+        f"wrote {args.num} samples ({sampler}, T={timesteps}, {spacing}, eta={eta}, seed={args.seed}) "
+        f"to {out} [{what}] in {elapsed:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Sampling speed of a model at several timestep budgets, stored as ``speed.parquet``.
+
+``measure_sampling_speed`` times the few-step sampler of one model (wall time per image,
+device synchronised, after warm-up batches); ``write_speed_table`` stores the rows in a
+sweep's results directory, where the analysis joins them on ``timesteps`` to put FID against
+real sampling cost (``mmdsweep.analysis.pareto_front(..., x="seconds_per_image")``).
+
+``speed.parquet`` has one row per ``(model, sampler, spacing, timesteps, device, dtype)``;
+writing a row with the same key again replaces the old one. See ``SPEED_SCHEMA`` and
+``docs/results.md`` ("Analysing results").
+
+Command line (measures the base model and every export listed in ``sweep.json``)::
+
+    python -m mmdsweep.speed RESULTS_DIR [--timesteps 5 10 20 50] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import torch
+
+from mmdsweep.core.sampling import SAMPLERS, sample, select_timesteps
+from mmdsweep.inference.generate import fail, prepare_model
+from mmdsweep.results import SCHEMA_VERSION, TIMESTAMP_TYPE, atomic_write_table, read_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mmdsweep.assets.models import Denoiser
+
+SPEED_FILE = "speed.parquet"
+DEFAULT_TIMESTEPS: tuple[int, ...] = (5, 10, 20, 50)
+
+SPEED_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("model_dir", pa.string()),
+        pa.field("sampler", pa.string(), nullable=False),
+        pa.field("spacing", pa.string(), nullable=False),
+        pa.field("eta", pa.float64()),
+        pa.field("timesteps", pa.int64(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("device_name", pa.string()),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("batch_size", pa.int64(), nullable=False),
+        pa.field("num_images", pa.int64(), nullable=False),
+        pa.field("warmup", pa.int64()),
+        pa.field("seconds_per_image", pa.float64(), nullable=False),
+        pa.field("measured_at", TIMESTAMP_TYPE, nullable=False),
+    ]
+)
+"""Schema of ``speed.parquet`` (without the file metadata)."""
+
+SPEED_KEY = ("model", "sampler", "spacing", "timesteps", "device", "dtype")
+"""Columns identifying a measurement; a newer row with the same key replaces an older one."""
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of ``device`` (GPU model, or the CPU's processor string)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_sampling_speed(
+    model_dir: str | os.PathLike[str] | Denoiser,
+    timesteps: Iterable[int] = DEFAULT_TIMESTEPS,
+    *,
+    sampler: str = "ddim",
+    spacing: str = "uniform",
+    eta: float = 0.0,
+    batch_size: int = 64,
+    num_images: int = 256,
+    device: str | torch.device = "auto",
+    warmup: int = 1,
+    dtype: str = "float32",
+    model: str | None = None,
+) -> pd.DataFrame:
+    """Wall time per image of ``sampler`` at each number of timesteps T.
+
+    For every T the model first samples ``warmup`` untimed batches, then ``num_images`` images
+    in batches of ``batch_size`` (the last one may be smaller) from a synchronised start to a
+    synchronised end; ``seconds_per_image`` is that wall time divided by ``num_images``. Noise
+    generation is not timed. ``model`` labels the rows (default: the directory's name; pass
+    ``model="base"`` or ``"T5"``, ... for a sweep's ``speed.parquet``, see :func:`speed_per_t`
+    in ``mmdsweep.analysis``). A :class:`~mmdsweep.assets.models.Denoiser` passed in is moved to
+    ``device`` and ``dtype`` in place.
+
+    Returns one row per T with the columns of :data:`SPEED_SCHEMA`.
+    """
+    import pandas as pd
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {sorted(SAMPLERS)}")
+    if batch_size < 1 or num_images < 1 or warmup < 0:
+        raise ValueError(
+            f"batch_size={batch_size}, num_images={num_images} must be >= 1, warmup={warmup} >= 0"
+        )
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
+    ts_list = [int(t) for t in timesteps]
+    if not ts_list:
+        raise ValueError("timesteps: expected at least one value")
+    torch_dtype = _DTYPES[dtype]
+    den, eps, dev, shape = prepare_model(model_dir, device, torch_dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn((batch_size, *shape), generator=gen).to(device=dev, dtype=torch_dtype)
+    sizes = [min(batch_size, num_images - s) for s in range(0, num_images, batch_size)]
+    label = (
+        model
+        if model is not None
+        else (Path(str(model_dir)).name if not _is_denoiser(model_dir) else "model")
+    )
+    rows: list[dict[str, Any]] = []
+    for T in ts_list:
+        steps = select_timesteps(T, den.schedule.num_train_timesteps, spacing)
+
+        def run(n: int, steps: list[int] = steps) -> None:
+            sample(eps, noise[:n], den.schedule, steps, sampler=sampler, eta=eta, generator=gen)
+
+        for _ in range(warmup):
+            run(batch_size)
+        _synchronize(dev)
+        t0 = time.perf_counter()
+        for n in sizes:
+            run(n)
+        _synchronize(dev)
+        elapsed = time.perf_counter() - t0
+        rows.append(
+            {
+                "model": label,
+                "model_dir": None if _is_denoiser(model_dir) else str(model_dir),
+                "sampler": sampler,
+                "spacing": spacing,
+                "eta": float(eta),
+                "timesteps": T,
+                "device": str(dev),
+                "device_name": device_name(dev),
+                "dtype": dtype,
+                "batch_size": batch_size,
+                "num_images": num_images,
+                "warmup": warmup,
+                "seconds_per_image": elapsed / num_images,
+                "measured_at": dt.datetime.now(dt.timezone.utc),
+            }
+        )
+    return _frame(pd.DataFrame(rows))
+
+
+def _is_denoiser(obj: Any) -> bool:
+    from mmdsweep.assets.models import Denoiser
+
+    return isinstance(obj, Denoiser)
+
+
+def _frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with exactly the speed columns, typed as :func:`read_speed_table` returns them."""
+    return _to_table(df).to_pandas(types_mapper=_int64_mapper)
+
+
+def _int64_mapper(arrow_type: pa.DataType) -> Any:
+    import pandas as pd
+
+    return pd.Int64Dtype() if pa.types.is_integer(arrow_type) else None
+
+
+def _to_table(df: pd.DataFrame, metadata: dict[bytes, bytes] | None = None) -> pa.Table:
+    """Arrow table in :data:`SPEED_SCHEMA` from a DataFrame (missing nullable columns are null)."""
+    missing = [f.name for f in SPEED_SCHEMA if f.name not in df.columns and not f.nullable]
+    if missing:
+        raise ValueError(f"speed table lacks required column(s) {missing}")
+    columns: dict[str, Any] = {}
+    for f in SPEED_SCHEMA:
+        if f.name not in df.columns:
+            columns[f.name] = pa.nulls(len(df), type=f.type)
+            continue
+        values = df[f.name]
+        if f.name == "measured_at":
+            import pandas as pd
+
+            values = pd.to_datetime(values, utc=True)
+        columns[f.name] = pa.array(values, type=f.type, from_pandas=True)
+    schema = SPEED_SCHEMA.with_metadata(metadata) if metadata else SPEED_SCHEMA
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def speed_metadata(sweep_id: str | None = None) -> dict[bytes, bytes]:
+    """Key-value metadata of ``speed.parquet``."""
+    meta = {
+        b"mmdsweep.schema_version": SCHEMA_VERSION.encode(),
+        b"mmdsweep.table": b"speed",
+        b"mmdsweep.torch_version": torch.__version__.encode(),
+    }
+    if sweep_id:
+        meta[b"mmdsweep.sweep_id"] = sweep_id.encode()
+    return meta
+
+
+def read_speed_table(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """``speed.parquet`` of a results directory (integers as ``Int64``); empty if there is none."""
+    path = Path(results_dir) / SPEED_FILE
+    if not path.exists():
+        return SPEED_SCHEMA.empty_table().to_pandas(types_mapper=_int64_mapper)
+    return read_table(path).to_pandas(types_mapper=_int64_mapper)
+
+
+def write_speed_table(
+    results_dir: str | os.PathLike[str],
+    df: pd.DataFrame,
+    *,
+    merge: bool = True,
+    sweep_id: str | None = None,
+) -> Path:
+    """Write ``df`` (rows of :func:`measure_sampling_speed`) to ``RESULTS_DIR/speed.parquet``.
+
+    The file is replaced atomically. With ``merge`` (the default) rows already in the file are
+    kept unless ``df`` has a row with the same :data:`SPEED_KEY`, which replaces them. Rows are
+    sorted by model, sampler and timesteps. Returns the path written.
+    """
+    import pandas as pd
+
+    path = Path(results_dir) / SPEED_FILE
+    new = _frame(df)
+    if merge and path.exists():
+        old = read_speed_table(results_dir)
+        if sweep_id is None:
+            raw = (read_table(path).schema.metadata or {}).get(b"mmdsweep.sweep_id")
+            sweep_id = raw.decode() if raw else None
+        keys = set(map(tuple, new[list(SPEED_KEY)].astype(str).to_numpy().tolist()))
+        keep = [tuple(r) not in keys for r in old[list(SPEED_KEY)].astype(str).to_numpy().tolist()]
+        new = pd.concat([old[keep], new], ignore_index=True) if any(keep) else new
+    new = new.sort_values(["model", "sampler", "spacing", "timesteps", "device"], kind="stable")
+    atomic_write_table(_to_table(new.reset_index(drop=True), speed_metadata(sweep_id)), path)
+    return path
+
+
+def measure_sweep_speed(
+    results_dir: str | os.PathLike[str],
+    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+    *,
+    batch_size: int = 64,
+    num_images: int = 256,
+    device: str = "auto",
+    warmup: int = 1,
+    dtype: str = "float32",
+) -> pd.DataFrame:
+    """Speed rows for a sweep: the base model (``"base"``) at every T of ``timesteps`` and at each
+    exported T, and every export ``"T{T}"`` of ``sweep.json`` at its own T, with the sweep's
+    sampler and spacing."""
+    import pandas as pd
+
+    from mmdsweep.analysis import model_dirs, read_sweep_meta
+
+    meta = read_sweep_meta(results_dir)
+    sampler = str(meta.get("sampler") or "ddim")
+    spacing = str(meta.get("spacing") or "uniform")
+    dirs = model_dirs(results_dir, meta)
+    exported = sorted(int(name[1:]) for name in dirs if name != "base")
+    frames = []
+
+    def measure(model_dir: str, ts: Iterable[int], label: str) -> pd.DataFrame:
+        return measure_sampling_speed(
+            model_dir,
+            ts,
+            sampler=sampler,
+            spacing=spacing,
+            batch_size=batch_size,
+            num_images=num_images,
+            device=device,
+            warmup=warmup,
+            dtype=dtype,
+            model=label,
+        )
+
+    if "base" in dirs:
+        frames.append(measure(dirs["base"], sorted(set(timesteps) | set(exported)), "base"))
+    for T in exported:
+        frames.append(measure(dirs[f"T{T}"], [T], f"T{T}"))
+    if not frames:
+        raise FileNotFoundError(f"{results_dir}: sweep.json names no base model and no exports")
+    return pd.concat(frames, ignore_index=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mmdsweep.speed",
+        description="Measure sampling speed of a sweep's base model and exports; write RESULTS_DIR/speed.parquet.",
+    )
+    parser.add_argument("results_dir", help="sweep results directory (with sweep.json)")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    args = parser.parse_args(argv)
+    if not (Path(args.results_dir) / "sweep.json").is_file():
+        return fail(f"{args.results_dir}/sweep.json not found: not a sweep results directory")
+    t0 = time.perf_counter()
+    df = measure_sweep_speed(
+        args.results_dir,
+        args.timesteps,
+        batch_size=args.batch_size,
+        num_images=args.num_images,
+        device=args.device,
+        warmup=args.warmup,
+        dtype=args.dtype,
+    )
+    from mmdsweep.analysis import read_sweep_meta
+
+    path = write_speed_table(args.results_dir, df, sweep_id=read_sweep_meta(args.results_dir).get("sweep_id"))
+    for row in df.itertuples():
+        ms = 1000 * float(row.seconds_per_image)  # type: ignore[arg-type]
+        print(f"{row.model:>6} {row.sampler} T={row.timesteps:<3} {ms:8.3f} ms/image on {row.device}")
+    print(f"wrote {path} ({len(df)} rows) in {time.perf_counter() - t0:.1f}s")
+    return 0 if all(math.isfinite(float(v)) for v in df["seconds_per_image"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
