@@ -79,7 +79,7 @@ def test_param_types(params: list[SearchParam]) -> None:
         "finetune.ema_decay": "float",
         "finetune.batch_size": "int",
         "finetune.accum": "int",
-        "finetune.use_ema": "bool",
+        "finetune.use_ema": "str",  # results columns are float/int/str; bools are stored as "True"/"False"
     }
     mixed = validate_space(
         {
@@ -116,8 +116,12 @@ def test_param_types(params: list[SearchParam]) -> None:
         ({"x": 0.5}, "a distribution spec must be a mapping"),
         ({"x": {"uniform": [0, 1], "when": {"y": "a"}}}, "when refers to unknown parameter 'y'"),
         (
-            {"x": {"uniform": [0, 1], "when": {"y": "a"}}, "y": {"choice": ["a", "b"]}},
-            "search.space.x: when refers to 'y', which is declared later",
+            {"x": {"uniform": [0, 1], "when": {"x": 0.5}}},
+            "search.space: when conditions form a cycle: x -> x",
+        ),
+        (
+            {"a": {"choice": [1, 2], "when": {"b": "p"}}, "b": {"choice": ["p", "q"], "when": {"a": 1}}},
+            "search.space: when conditions form a cycle: a -> b -> a",
         ),
         (
             {"y": {"choice": ["a"]}, "x": {"uniform": [0, 1], "when": {"y": "b"}}},
