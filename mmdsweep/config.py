@@ -608,8 +608,8 @@ def _unknown_key(loc: Sequence[Any]) -> str:
     valid = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     where = _loc_text(loc[:-1])
     close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key; {hint}(valid keys{' in ' + where if where else ''}: {', '.join(valid)})"
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{hint} (valid keys{' in ' + where if where else ''}: {', '.join(valid)})"
 
 
 def _message(err: ErrorDetails) -> tuple[list[Any], str]:
@@ -620,6 +620,8 @@ def _message(err: ErrorDetails) -> tuple[list[Any], str]:
         if ctx.get("key"):
             loc += str(ctx["key"]).split(".")
         return loc, str(ctx["msg"])
+    if kind == "invalid_key":
+        return loc[:-1], f"key {_show(err.get('input'))} is not a string; config keys are names such as lr"
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         return loc, _unknown_key(loc)
     simple = {
@@ -765,11 +767,12 @@ def _read_yaml(p: Path) -> Any:
         return yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:
         problem = " ".join(str(e.problem or e).split())
+        hint = "; use plain YAML (mappings, lists, strings, numbers, booleans, null) without tags"
         raise ConfigError(
             _one_line(
                 f"{p}: not valid YAML: {problem}"
                 + (f" (line {e.problem_mark.line + 1})" if e.problem_mark else "")
-                + "; use plain YAML (mappings, lists, strings, numbers, booleans, null), no !! tags"
+                + (hint if "tag" in problem else "")
             )
         ) from None
     except yaml.YAMLError as e:
