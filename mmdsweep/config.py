@@ -1,11 +1,21 @@
-"""Typed, validated experiment configuration.
+"""Typed, validated experiment configuration (pydantic v2).
 
 An experiment YAML has one section per concern (``data``, ``model``, ``pretrain``, ``sampler``,
 ``features``, ``kernel``, ``finetune``, ``eval``, ``search``, ``resources``, ``output``). Each
-section maps onto a dataclass below. Loading rejects unknown keys, wrong types and impossible
-values before any work starts, with one-line messages of the form::
+section is a pydantic dataclass below (so ``dataclasses.asdict``/``replace``/``fields`` keep
+working, and ``replace`` re-validates). Loading rejects unknown keys, wrong types, non-finite
+numbers and impossible values before any work starts (and before torch or Ray are imported),
+with one-line messages of the form::
 
     experiments/x.yaml: finetune.lr: must be > 0, got -1
+
+The ``search.space`` specification (distributions, ``when`` conditions) is validated here too,
+and every value a search parameter can take is checked against its config key, so a sweep
+cannot fail later on a value the experiment could never accept.
+
+Two checks need more than the file and live in their own functions, for the CLIs to call:
+:func:`check_feature_names` (imports torchvision lazily) and :func:`check_timesteps_against`
+(the loaded model's number of training timesteps).
 
 The resolved configuration (defaults filled in) is written next to every run's outputs with
 :func:`write_resolved`.
@@ -15,58 +25,100 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
+import math
 import os
+import re
+import sys
 import types
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
 
+import annotated_types as at
 import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic import dataclasses as pdc
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A configuration problem; ``str(err)`` is the one-line message for the user."""
 
 
-def _check(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}: {msg}")
+# ----------------------------------------------------------------------------- value types
+
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
+
+
+def _yaml_float(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``1e-5`` (no dot) as a string: accept it where a number is expected."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+Int = Annotated[int, Strict()]
+"""An integer; ``true``, ``5.0`` and ``"5"`` are refused."""
+Bool = Annotated[bool, Strict()]
+"""``true`` or ``false``; ``yes``, ``1`` and ``"true"`` are refused."""
+Str = Annotated[str, Strict()]
+Float = Annotated[float, Strict(), BeforeValidator(_yaml_float)]
+"""A finite number (ints accepted; nan and inf refused by ``allow_inf_nan=False``)."""
+Seed = Annotated[int, Strict(), at.Ge(0), at.Le(2**32 - 1)]
+
+
+def _err(msg: str, key: str | None = None) -> NoReturn:
+    """Raise a validation error whose one-line message is ``msg`` (at ``key`` below the current one)."""
+    raise PydanticCustomError("config", "{msg}", {"msg": msg, "key": key or ""})
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr`` of a user's value, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- sections
 
 
-@dataclass
+@pdc.dataclass(config=_CONFIG)
 class DataConfig:
     """Which real images the model is fine-tuned towards (and evaluated against)."""
 
-    dataset: Literal["digits", "image_folder", "cifar10", "lsun", "celeba"] = "digits"
-    root: str | None = None
-    resolution: int = 16
-    split: str = "train"
-    max_images: int | None = None
-    channels: int | None = None
-    num_workers: int = 0
+    dataset: Literal["digits", "image_folder", "cifar10", "lsun", "celeba"] = Field(
+        default="digits",
+        description="dataset kind; every kind except `digits` (shipped with scikit-learn) needs `root`",
+    )
+    root: Str | None = Field(default=None, description="dataset directory (or LMDB for lsun)")
+    resolution: Int = Field(default=16, ge=4, description="side of the square images the model sees, pixels")
+    split: Str = Field(default="train", description="split that feeds the real-feature bank and training")
+    max_images: Int | None = Field(default=None, ge=2, description="use at most this many images (null: all)")
+    channels: Literal[1, 3] | None = Field(
+        default=None, description="1 (grey) or 3 (RGB); null: the dataset's own number of channels"
+    )
+    num_workers: Int = Field(default=0, ge=0, description="DataLoader worker processes for reading images")
 
-    def validate(self, where: str) -> None:
-        _check(self.resolution >= 4, f"{where}.resolution", f"must be >= 4, got {self.resolution}")
-        _check(
-            self.max_images is None or self.max_images >= 2,
-            f"{where}.max_images",
-            f"must be >= 2 or null, got {self.max_images}",
-        )
-        _check(
-            self.channels in (None, 1, 3), f"{where}.channels", f"must be 1, 3 or null, got {self.channels}"
-        )
-        _check(self.num_workers >= 0, f"{where}.num_workers", f"must be >= 0, got {self.num_workers}")
-        if self.dataset != "digits":
-            _check(self.root is not None, f"{where}.root", f"is required for dataset {self.dataset!r}")
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        if self.dataset != "digits" and self.root is None:
+            _err(f"is required for dataset {self.dataset!r}; set it to the dataset's directory", "root")
+        return self
 
 
-@dataclass
+@pdc.dataclass(config=_CONFIG)
 class ModelConfig:
     """The pretrained denoiser.
 
@@ -75,308 +127,358 @@ class ModelConfig:
     directory or from a repository id already in the Hugging Face cache (never downloaded).
     """
 
-    source: Literal["pretrain", "diffusers"] = "pretrain"
-    path: str | None = None
-    unet_subfolder: str | None = None
-    scheduler_subfolder: str | None = None
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    source: Literal["pretrain", "diffusers"] = Field(
+        default="pretrain", description="`pretrain`: the project's own DDPM; `diffusers`: a diffusers model"
+    )
+    path: Str | None = Field(
+        default=None, description="diffusers model directory or cached repository id (source: diffusers)"
+    )
+    unet_subfolder: Str | None = Field(default=None, description="subfolder of `path` holding the UNet")
+    scheduler_subfolder: Str | None = Field(
+        default=None, description="subfolder of `path` holding the scheduler config"
+    )
+    revision: Str | None = Field(default=None, description="repository revision (cached repositories)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype the weights are loaded in"
+    )
 
-    def validate(self, where: str) -> None:
-        if self.source == "diffusers":
-            _check(self.path is not None, f"{where}.path", "is required when model.source is 'diffusers'")
+    @model_validator(mode="after")
+    def _path_needed(self) -> ModelConfig:
+        if self.source == "diffusers" and self.path is None:
+            _err("is required when model.source is 'diffusers'; set a directory or a cached repo id", "path")
+        return self
 
 
-@dataclass
+@pdc.dataclass(config=_CONFIG)
 class PretrainConfig:
     """Training of the embedded default's DDPM and domain classifier (``source: pretrain``)."""
 
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_warmup: int = 100
-    ema_decay: float = 0.995
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
-    attention: bool = False
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "squaredcos_cap_v2", "scaled_linear"] = "linear"
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    classifier_steps: int = 600
-    classifier_width: int = 32
-    seed: int = 0
-    cache_dir: str = "~/.cache/mmdsweep"
+    steps: Int = Field(default=2000, ge=1, description="DDPM training steps")
+    batch_size: Int = Field(default=64, ge=1, description="DDPM training batch size")
+    lr: Float = Field(default=1e-3, gt=0, description="DDPM learning rate (AdamW)")
+    lr_warmup: Int = Field(default=100, ge=0, description="linear learning-rate warm-up steps")
+    ema_decay: Float = Field(
+        default=0.995, ge=0, lt=1, description="EMA decay of the DDPM weights, in [0, 1)"
+    )
+    block_out_channels: list[Annotated[int, Strict(), at.Ge(4)]] = Field(
+        default_factory=lambda: [32, 64, 64], min_length=1, description="UNet channels per resolution level"
+    )
+    layers_per_block: Int = Field(default=1, ge=1, description="UNet ResNet layers per block")
+    attention: Bool = Field(default=False, description="add self-attention blocks to the UNet")
+    num_train_timesteps: Int = Field(default=1000, ge=1, description="length of the training noise schedule")
+    beta_schedule: Literal["linear", "squaredcos_cap_v2", "scaled_linear"] = Field(
+        default="linear", description="diffusers beta schedule"
+    )
+    beta_start: Float = Field(
+        default=0.0001, gt=0, lt=1, description="first beta (0 < beta_start < beta_end)"
+    )
+    beta_end: Float = Field(default=0.02, gt=0, lt=1, description="last beta (beta_start < beta_end < 1)")
+    classifier_steps: Int = Field(default=600, ge=1, description="training steps of the domain classifier")
+    classifier_width: Int = Field(default=32, ge=1, description="channel width of the domain classifier")
+    seed: Seed = Field(default=0, description="seed of pretraining")
+    cache_dir: Str = Field(default="~/.cache/mmdsweep", description="where pretrained models are cached")
 
-    def validate(self, where: str) -> None:
-        for name in ("steps", "batch_size", "num_train_timesteps", "layers_per_block", "classifier_steps"):
-            v = getattr(self, name)
-            _check(v >= 1, f"{where}.{name}", f"must be >= 1, got {v}")
-        _check(self.lr > 0, f"{where}.lr", f"must be > 0, got {self.lr}")
-        _check(self.lr_warmup >= 0, f"{where}.lr_warmup", f"must be >= 0, got {self.lr_warmup}")
-        _check(0 <= self.ema_decay < 1, f"{where}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _check(
-            len(self.block_out_channels) >= 1 and all(c >= 4 for c in self.block_out_channels),
-            f"{where}.block_out_channels",
-            f"must be a non-empty list of ints >= 4, got {self.block_out_channels}",
-        )
-        _check(
-            0 < self.beta_start < self.beta_end < 1,
-            f"{where}.beta_start",
-            f"needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}",
-        )
+    @model_validator(mode="after")
+    def _betas(self) -> PretrainConfig:
+        if not self.beta_start < self.beta_end:
+            _err(f"needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}", "beta_start")
+        return self
 
 
-@dataclass
+SPACINGS = ("leading", "trailing", "linspace", "quadratic")
+_SPACING_ALIASES = {"uniform": "leading", "quadratic": "quadratic"}
+
+
+@pdc.dataclass(config=_CONFIG)
 class SamplerConfig:
-    """The few-step sampler that is fine-tuned (and evaluated) at exactly ``timesteps`` steps."""
+    """The few-step sampler that is fine-tuned (and evaluated) at exactly ``timesteps`` steps.
 
-    name: Literal["ddim", "dpmpp_2m"] = "ddim"
-    timesteps: int = 5
-    spacing: Literal["uniform", "quadratic"] = "uniform"
-    eta: float = 0.0
-    checkpointing: bool = True
-    clip_sample: bool = False
-
-    def validate(self, where: str) -> None:
-        _check(self.timesteps >= 1, f"{where}.timesteps", f"must be >= 1, got {self.timesteps}")
-        _check(self.eta >= 0, f"{where}.eta", f"must be >= 0, got {self.eta}")
-        _check(
-            not (self.name == "dpmpp_2m" and self.eta > 0),
-            f"{where}.eta",
-            f"must be 0 for sampler dpmpp_2m, got {self.eta}",
-        )
-
-
-@dataclass
-class FeaturesConfig:
-    """Feature spaces: ``train`` for the MMD loss, ``eval`` (and ``extra_eval``) for FID/KID.
-
-    Names: ``inception``, ``clip``, ``torchvision:<arch>``, ``classifier``.
+    The old key ``spacing`` (``uniform``/``quadratic``) is still read for one release and
+    rewritten to ``timestep_spacing`` (``leading``/``quadratic``) with a note on stderr.
     """
 
-    train: str = "torchvision:mobilenet_v2"
-    eval: str = "classifier"
-    extra_eval: list[str] = field(default_factory=list)
-    train_resize: int | None = None
-    eval_resize: int | None = None
-    inception_path: str | None = None
-    clip_arch: str = "ViT-B-32"
-    clip_pretrained: str | None = None
-    classifier_path: str | None = None
-    torch_home: str | None = None
+    name: Literal["ddim", "dpmpp_2m", "dpmpp_3m", "unipc"] = Field(
+        default="ddim",
+        description="sampler: DDIM, DPM-Solver++ 2M / 3M, or UniPC-bh2 (order 2, diffusers' default)",
+    )
+    timesteps: Int = Field(default=5, ge=1, description="number of denoiser calls T of the sampler")
+    timestep_spacing: Literal["leading", "trailing", "linspace", "quadratic"] | None = Field(
+        default=None,
+        description="timestep grid; null: the sampler's standard grid (ddim: leading; dpmpp_*/unipc: linspace)",
+    )
+    eta: Float = Field(default=0.0, ge=0, le=1, description="DDIM stochasticity in [0, 1] (0: deterministic)")
+    checkpointing: Bool = Field(default=True, description="activation checkpointing per sampler step")
+    clip_sample: Bool | None = Field(
+        default=False,
+        description="clamp the predicted x0 at every step; null: take it from the model's scheduler config",
+    )
+    clip_sample_range: Float = Field(
+        default=1.0, gt=0, description="clip_sample clamps x0 to [-range, range]"
+    )
+    final_clamp: Bool = Field(
+        default=True, description="clamp the chain's output x0 to [-1, 1] (loss, eval, sample, export)"
+    )
 
-    def validate(self, where: str) -> None:
-        for key in ("train", "eval"):
-            _check_feature_name(getattr(self, key), f"{where}.{key}")
-        for i, n in enumerate(self.extra_eval):
-            _check_feature_name(n, f"{where}.extra_eval[{i}]")
-        for key in ("train_resize", "eval_resize"):
-            v = getattr(self, key)
-            _check(v is None or v >= 16, f"{where}.{key}", f"must be >= 16 or null, got {v}")
+    @model_validator(mode="after")
+    def _eta_only_for_ddim(self) -> SamplerConfig:
+        if self.name != "ddim" and self.eta > 0:
+            _err(f"must be 0 for sampler {self.name} (eta is DDIM's), got {self.eta}", "eta")
+        return self
+
+    @property
+    def resolved_spacing(self) -> str:
+        """The concrete grid: ``timestep_spacing``, or the sampler's standard grid when null."""
+        if self.timestep_spacing is not None:
+            return self.timestep_spacing
+        return "leading" if self.name == "ddim" else "linspace"
+
+    @property
+    def spacing(self) -> str:
+        """Deprecated old-style name, for code not yet reading ``timestep_spacing``.
+
+        ``uniform`` for a null or ``leading`` grid, else the ``timestep_spacing`` value.
+        """
+        if self.timestep_spacing in (None, "leading"):
+            return "uniform"
+        return self.timestep_spacing
 
 
 _FEATURE_KINDS = ("inception", "clip", "classifier")
 
 
-def _check_feature_name(name: str, where: str) -> None:
+def _feature_name(name: str) -> str:
     ok = name in _FEATURE_KINDS or (name.startswith("torchvision:") and len(name) > len("torchvision:"))
-    _check(ok, where, f"must be one of inception, clip, classifier, torchvision:<arch>; got {name!r}")
+    if not ok:
+        _err(f"must be one of inception, clip, classifier, torchvision:<arch>; got {_show(name)}")
+    return name
 
 
-@dataclass
+FeatureName = Annotated[str, Strict(), AfterValidator(_feature_name)]
+
+
+@pdc.dataclass(config=_CONFIG)
+class FeaturesConfig:
+    """Feature spaces: ``train`` for the MMD loss, ``eval`` (and ``extra_eval``) for FID/KID.
+
+    Names: ``inception``, ``clip``, ``torchvision:<arch>`` (any name in
+    ``torchvision.models.list_models()``; checked by :func:`check_feature_names`), ``classifier``.
+    """
+
+    train: FeatureName = Field(
+        default="torchvision:mobilenet_v2", description="feature space of the MMD loss"
+    )
+    eval: FeatureName = Field(default="classifier", description="primary FID/KID feature space")
+    extra_eval: list[FeatureName] = Field(default_factory=list, description="further FID/KID feature spaces")
+    train_resize: Int | None = Field(default=None, ge=16, description="resize before the train features")
+    eval_resize: Int | None = Field(default=None, ge=16, description="resize before the eval features")
+    inception_path: Str | None = Field(default=None, description="local Inception weights file")
+    clip_arch: Str = Field(default="ViT-B-32", description="open_clip architecture")
+    clip_pretrained: Str | None = Field(default=None, description="local open_clip weights file")
+    classifier_path: Str | None = Field(default=None, description="domain classifier checkpoint")
+    torch_home: Str | None = Field(default=None, description="TORCH_HOME holding torchvision weights")
+
+
+@pdc.dataclass(config=_CONFIG)
 class KernelConfig:
     """MMD kernel. ``bandwidth_mode: median`` makes ``bandwidth`` a multiple of the median distance."""
 
-    type: Literal["polynomial", "rbf", "rbf_mixture", "imq"] = "polynomial"
-    degree: int = 3
-    gamma: float | None = None
-    coef0: float = 1.0
-    bandwidth: float = 1.0
-    bandwidth_mode: Literal["absolute", "median"] = "median"
-    bandwidths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    imq_c: float = 1.0
-    float64: bool = True
-
-    def validate(self, where: str) -> None:
-        _check(self.degree >= 1, f"{where}.degree", f"must be >= 1, got {self.degree}")
-        _check(
-            self.gamma is None or self.gamma > 0, f"{where}.gamma", f"must be > 0 or null, got {self.gamma}"
-        )
-        _check(self.bandwidth > 0, f"{where}.bandwidth", f"must be > 0, got {self.bandwidth}")
-        _check(
-            len(self.bandwidths) >= 1 and all(b > 0 for b in self.bandwidths),
-            f"{where}.bandwidths",
-            f"must be a non-empty list of values > 0, got {self.bandwidths}",
-        )
-        _check(self.imq_c > 0, f"{where}.imq_c", f"must be > 0, got {self.imq_c}")
+    type: Literal["polynomial", "rbf", "rbf_mixture", "imq"] = Field(
+        default="polynomial", description="kernel family"
+    )
+    degree: Int = Field(default=3, ge=1, description="polynomial degree")
+    gamma: Float | None = Field(default=None, gt=0, description="polynomial scale (null: 1 / feature dim)")
+    coef0: Float = Field(default=1.0, description="polynomial offset")
+    bandwidth: Float = Field(default=1.0, gt=0, description="rbf/imq bandwidth (see bandwidth_mode)")
+    bandwidth_mode: Literal["absolute", "median"] = Field(
+        default="median", description="`median`: bandwidths are multiples of the median pairwise distance"
+    )
+    bandwidths: list[Annotated[float, Strict(), BeforeValidator(_yaml_float), at.Gt(0)]] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1, description="rbf_mixture bandwidths"
+    )
+    imq_c: Float = Field(default=1.0, gt=0, description="imq constant c")
+    float64: Bool = Field(default=True, description="compute the MMD in float64")
 
 
-@dataclass
+@pdc.dataclass(config=_CONFIG)
+class LoraConfig:
+    """Low-rank adapters on the UNet (``finetune.adapter: lora``)."""
+
+    rank: Int = Field(default=8, ge=1, description="LoRA rank r")
+    alpha: Float = Field(
+        default=8.0, gt=0, description="LoRA scale alpha (the update is scaled by alpha / r)"
+    )
+    dropout: Float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA input, in [0, 1)")
+    target_modules: list[Annotated[str, Strict(), at.MinLen(1)]] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+        min_length=1,
+        description="names of the UNet modules that get adapters",
+    )
+
+
+@pdc.dataclass(config=_CONFIG)
 class FinetuneConfig:
     """The MMD-DDM fine-tuning loop (one per worker). Checkpoints are written with evaluations
     (every ``eval_every`` steps) whose step is a multiple of ``checkpoint_every`` (null: every one)."""
 
-    steps: int = 150
-    batch_size: int = 64
-    real_batch_size: int | None = None
-    lr: float = 2e-5
-    optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float | None = 1.0
-    ema_decay: float | None = None
-    eval_every: int = 50
-    checkpoint_every: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
+    steps: Int = Field(default=150, ge=1, description="optimizer steps")
+    batch_size: Int = Field(default=64, ge=2, description="generated images per worker per step")
+    real_batch_size: Int | None = Field(
+        default=None, ge=2, description="real images per step (null: batch_size x workers)"
+    )
+    lr: Float = Field(default=2e-5, gt=0, description="learning rate of the weights")
+    optimizer: Literal["adam", "adamw"] = Field(default="adam", description="optimizer")
+    weight_decay: Float = Field(default=0.0, ge=0, description="weight decay")
+    betas: list[Annotated[float, Strict(), BeforeValidator(_yaml_float), at.Ge(0), at.Lt(1)]] = Field(
+        default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2, description="Adam betas, in [0, 1)"
+    )
+    grad_clip: Float | None = Field(default=1.0, gt=0, description="gradient-norm clip (null: none)")
+    ema_decay: Float | None = Field(default=None, gt=0, lt=1, description="EMA of the weights (null: none)")
+    eval_every: Int = Field(default=50, ge=1, description="evaluate (and report) every this many steps")
+    checkpoint_every: Int | None = Field(
+        default=None, ge=1, description="checkpoint at evaluations whose step is a multiple (null: each)"
+    )
+    seed: Seed = Field(default=0, description="seed of fine-tuning")
+    device: Str = Field(default="auto", description="auto, cpu or cuda[:N]")
+    threads: Int | None = Field(default=None, ge=1, description="torch threads per worker (null: default)")
+    train: Literal["weights", "timesteps", "both"] = Field(
+        default="weights", description="what is learned: the UNet weights, the timestep grid, or both"
+    )
+    timestep_lr: Float = Field(default=1e-2, gt=0, description="learning rate of the learned timestep grid")
+    micro_batch_size: Int | None = Field(
+        default=None,
+        ge=1,
+        description="generate the batch in chunks of this size (null: whole batch); must divide batch_size",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="autocast precision inside the network (schedules and losses stay fp32)"
+    )
+    adapter: Literal["none", "lora"] = Field(
+        default="none", description="`lora`: train low-rank adapters only"
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (adapter: lora)")
+    compile: Bool = Field(default=False, description="torch.compile the UNet inside the chain")
 
-    def validate(self, where: str) -> None:
-        _check(self.steps >= 1, f"{where}.steps", f"must be >= 1, got {self.steps}")
-        _check(self.batch_size >= 2, f"{where}.batch_size", f"must be >= 2, got {self.batch_size}")
-        _check(
-            self.real_batch_size is None or self.real_batch_size >= 2,
-            f"{where}.real_batch_size",
-            f"must be >= 2 or null, got {self.real_batch_size}",
-        )
-        _check(self.lr > 0, f"{where}.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"{where}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"{where}.betas",
-            f"must be two values in [0, 1), got {self.betas}",
-        )
-        _check(
-            self.grad_clip is None or self.grad_clip > 0,
-            f"{where}.grad_clip",
-            f"must be > 0 or null, got {self.grad_clip}",
-        )
-        _check(
-            self.ema_decay is None or 0 < self.ema_decay < 1,
-            f"{where}.ema_decay",
-            f"must be in (0, 1) or null, got {self.ema_decay}",
-        )
-        _check(self.eval_every >= 1, f"{where}.eval_every", f"must be >= 1, got {self.eval_every}")
-        _check(
-            self.checkpoint_every is None or self.checkpoint_every >= 1,
-            f"{where}.checkpoint_every",
-            f"must be >= 1 or null, got {self.checkpoint_every}",
-        )
-        _check(
-            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-            f"{where}.device",
-            f"must be auto, cpu or cuda[:N], got {self.device!r}",
-        )
-        _check(
-            self.threads is None or self.threads >= 1, f"{where}.threads", f"must be >= 1, got {self.threads}"
-        )
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            _err(f"must be auto, cpu or cuda[:N], got {_show(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _micro_batch(self) -> FinetuneConfig:
+        mb = self.micro_batch_size
+        if mb is not None and self.batch_size % mb:
+            _err(
+                f"must divide finetune.batch_size ({self.batch_size}, per worker), got {mb}; "
+                "pick a divisor or null",
+                "micro_batch_size",
+            )
+        return self
 
 
-@dataclass
+@pdc.dataclass(config=_CONFIG)
 class EvalConfig:
-    """FID/KID at the run's T in the evaluation feature space(s)."""
+    """FID/KID at the run's T, in three roles.
 
-    num_samples: int = 1000
-    batch_size: int = 250
-    seed: int = 12345
-    num_reference: int | None = None
-    kid_subsets: int = 10
-    kid_subset_size: int = 500
+    Selection (the sweep objective, ASHA, best checkpoint): ``num_samples`` images from validation
+    noise ``seed`` against ``selection_reference``. Final (the report): ``final_num_samples`` images
+    per seed in ``final_seeds`` against ``final_reference``.
+    """
 
-    def validate(self, where: str) -> None:
-        _check(self.num_samples >= 2, f"{where}.num_samples", f"must be >= 2, got {self.num_samples}")
-        _check(self.batch_size >= 1, f"{where}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(
-            self.num_reference is None or self.num_reference >= 2,
-            f"{where}.num_reference",
-            f"must be >= 2 or null, got {self.num_reference}",
-        )
-        _check(self.kid_subsets >= 1, f"{where}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
-        _check(
-            self.kid_subset_size >= 2, f"{where}.kid_subset_size", f"must be >= 2, got {self.kid_subset_size}"
-        )
+    num_samples: Int = Field(default=1000, ge=2, description="images per selection evaluation")
+    batch_size: Int = Field(default=250, ge=1, description="generation batch size when evaluating")
+    seed: Seed = Field(default=12345, description="seed of the selection (validation) noise")
+    num_reference: Int | None = Field(default=None, ge=2, description="reference images (null: all)")
+    kid_subsets: Int = Field(default=10, ge=1, description="KID subsets")
+    kid_subset_size: Int = Field(default=500, ge=2, description="KID subset size")
+    selection_reference: Literal["validation", "train"] = Field(
+        default="validation",
+        description="selection reference: a seeded held-out part of the training split, or the bank",
+    )
+    validation_fraction: Float = Field(
+        default=0.1, gt=0, le=0.5, description="fraction of the training split kept out of the bank, (0, 0.5]"
+    )
+    final_seeds: list[Seed] = Field(
+        default_factory=lambda: [1001, 1002, 1003],
+        min_length=1,
+        description="fresh noise seeds for the final report (distinct; fewer than 3 gives a warning)",
+    )
+    final_num_samples: Int | None = Field(
+        default=None, ge=2, description="images per final seed (null: num_samples)"
+    )
+    final_reference: Literal["heldout", "train"] = Field(
+        default="heldout",
+        description="final reference: the dataset's test split (or heldout_fraction), or train",
+    )
+    heldout_fraction: Float = Field(
+        default=0.1, gt=0, le=0.5, description="held-out fraction for datasets without a test split, (0, 0.5]"
+    )
+    baselines: Bool = Field(default=True, description="measure every training-free baseline per T (cached)")
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> EvalConfig:
+        if len(set(self.final_seeds)) != len(self.final_seeds):
+            _err(f"must be distinct seeds, got {_show(self.final_seeds)}", "final_seeds")
+        return self
 
 
-@dataclass
+Objective = Literal["fid", "kid", "timesteps", "sample_time"]
+
+
+@pdc.dataclass(config=_CONFIG)
 class SearchConfig:
     """Ray Tune + Optuna search. ``space`` maps dotted config keys to distributions (see search.py)."""
 
-    space: dict[str, Any] = field(default_factory=dict)
-    objectives: list[str] = field(default_factory=lambda: ["fid"])
-    num_samples: int = 6
-    algorithm: Literal["tpe", "random", "cmaes"] = "tpe"
-    scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    seed: int = 0
-    storage: str | None = None
-    max_concurrent_trials: int | None = None
-    max_failures: int = 2
+    space: dict[str, Any] = Field(
+        default_factory=dict, description="dotted config key -> distribution spec (see mmdsweep/search.py)"
+    )
+    objectives: list[Objective] = Field(
+        default_factory=lambda: list[Objective](["fid"]),
+        min_length=1,
+        description="objectives (several: multi-objective)",
+    )
+    num_samples: Int = Field(default=6, ge=1, description="number of trials")
+    algorithm: Literal["tpe", "random", "cmaes"] = Field(default="tpe", description="Optuna sampler")
+    scheduler: Literal["asha", "fifo"] = Field(default="asha", description="trial scheduler")
+    grace_period: Int = Field(default=1, ge=1, description="ASHA grace period, in reports")
+    reduction_factor: Int = Field(default=2, ge=2, description="ASHA reduction factor")
+    seed: Seed = Field(default=0, description="seed of the searcher")
+    storage: Str | None = Field(default=None, description="Optuna storage URL (null: in memory)")
+    max_concurrent_trials: Int | None = Field(default=None, ge=1, description="null: as resources allow")
+    max_failures: Int = Field(default=2, ge=0, description="retries of a failed trial")
 
-    def validate(self, where: str) -> None:
-        _check(self.num_samples >= 1, f"{where}.num_samples", f"must be >= 1, got {self.num_samples}")
-        _check(len(self.objectives) >= 1, f"{where}.objectives", "must name at least one objective")
-        for i, o in enumerate(self.objectives):
-            _check(
-                o in ("fid", "kid", "timesteps", "sample_time"),
-                f"{where}.objectives[{i}]",
-                f"must be one of fid, kid, timesteps, sample_time; got {o!r}",
-            )
-        _check(
-            not (self.scheduler == "asha" and len(self.objectives) > 1),
-            f"{where}.scheduler",
-            "asha needs a single objective; use fifo for multi-objective searches",
-        )
-        _check(self.grace_period >= 1, f"{where}.grace_period", f"must be >= 1, got {self.grace_period}")
-        _check(
-            self.reduction_factor >= 2,
-            f"{where}.reduction_factor",
-            f"must be >= 2, got {self.reduction_factor}",
-        )
-        _check(
-            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
-            f"{where}.max_concurrent_trials",
-            f"must be >= 1 or null, got {self.max_concurrent_trials}",
-        )
-        _check(self.max_failures >= 0, f"{where}.max_failures", f"must be >= 0, got {self.max_failures}")
+    @model_validator(mode="after")
+    def _asha_single(self) -> SearchConfig:
+        if self.scheduler == "asha" and len(self.objectives) > 1:
+            _err("asha needs a single objective; use fifo for multi-objective searches", "scheduler")
+        return self
 
 
-@dataclass
+@pdc.dataclass(config=_CONFIG)
 class ResourcesConfig:
     """Resources of one trial: ``num_workers`` Ray Train workers, each with these resources."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    trial_cpus: float = 0.25
-    address: str | None = None
-    num_cpus: int | None = None
-    object_store_memory: int | None = None
+    num_workers: Int = Field(default=1, ge=1, description="Ray Train workers per trial")
+    use_gpu: Bool = Field(default=False, description="give each worker GPUs")
+    cpus_per_worker: Float = Field(default=1.0, gt=0, description="CPUs per worker")
+    gpus_per_worker: Float = Field(default=0.0, ge=0, description="GPUs per worker (> 0 with use_gpu)")
+    trial_cpus: Float = Field(default=0.25, gt=0, description="CPUs of each trial's Tune driver function")
+    address: Str | None = Field(default=None, description="Ray cluster address (null: start a local Ray)")
+    num_cpus: Int | None = Field(default=None, ge=1, description="CPUs of a local Ray (null: all)")
+    object_store_memory: Int | None = Field(default=None, ge=1, description="bytes of a local Ray's store")
+    gpu_type: Literal["A10G", "A100-40GB", "A100-80GB", "H100", "H200"] | None = Field(
+        default=None, description="GPU model, for the --dry-run memory estimate"
+    )
 
-    def validate(self, where: str) -> None:
-        _check(self.num_workers >= 1, f"{where}.num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(
-            self.cpus_per_worker > 0, f"{where}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"
-        )
-        _check(
-            self.gpus_per_worker >= 0, f"{where}.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}"
-        )
-        _check(
-            not self.use_gpu or self.gpus_per_worker > 0,
-            f"{where}.gpus_per_worker",
-            f"must be > 0 when use_gpu is true, got {self.gpus_per_worker}",
-        )
-        _check(self.trial_cpus > 0, f"{where}.trial_cpus", f"must be > 0, got {self.trial_cpus}")
-        _check(
-            self.num_cpus is None or self.num_cpus >= 1,
-            f"{where}.num_cpus",
-            f"must be >= 1, got {self.num_cpus}",
-        )
+    @model_validator(mode="after")
+    def _gpus(self) -> ResourcesConfig:
+        if self.use_gpu and not self.gpus_per_worker > 0:
+            _err(f"must be > 0 when use_gpu is true, got {self.gpus_per_worker}", "gpus_per_worker")
+        return self
 
 
-@dataclass
+@pdc.dataclass(config=_CONFIG)
 class OutputConfig:
     """Where runs and sweeps write.
 
@@ -386,62 +488,67 @@ class OutputConfig:
     ``checkpoints_to_keep`` bounds checkpoints per trial (null keeps all, so the best survives).
     """
 
-    dir: str = "results/default"
-    name: str = "sweep"
-    storage: str | None = None
-    checkpoints_to_keep: int | None = None
+    dir: Str = Field(default="results/default", min_length=1, description="results directory")
+    name: Str = Field(default="sweep", description="sweep name: a plain directory name under dir")
+    storage: Str | None = Field(default=None, description="Ray Tune storage path or URI")
+    checkpoints_to_keep: Int | None = Field(default=None, ge=1, description="checkpoints per trial")
 
-    def validate(self, where: str) -> None:
-        _check(bool(self.dir), f"{where}.dir", "must not be empty")
-        _check(
-            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
-            f"{where}.name",
-            f"must be a plain directory name, got {self.name!r}",
-        )
-        _check(
-            self.checkpoints_to_keep is None or self.checkpoints_to_keep >= 1,
-            f"{where}.checkpoints_to_keep",
-            f"must be >= 1 or null, got {self.checkpoints_to_keep}",
-        )
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v in (".", "..") or not v.isprintable():
+            _err(f"must be a plain directory name, got {_show(v)}")
+        return v
 
 
-@dataclass
+_SECTIONS = (
+    "data",
+    "model",
+    "pretrain",
+    "sampler",
+    "features",
+    "kernel",
+    "finetune",
+    "eval",
+    "search",
+    "resources",
+    "output",
+)
+
+
+@pdc.dataclass(config=_CONFIG)
 class Experiment:
     """A whole experiment: every section, plus a name and the file it came from."""
 
-    name: str = "default"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    kernel: KernelConfig = field(default_factory=KernelConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    source: str = field(default="<dict>", metadata={"internal": True})
+    name: Str = Field(default="default", description="experiment name")
+    seed: Seed = Field(default=0, description="experiment seed")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    kernel: KernelConfig = Field(default_factory=KernelConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    source: str = dataclasses.field(default="<dict>", metadata={"internal": True}, repr=False)
 
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if dataclasses.is_dataclass(v):
-                v.validate(f.name)  # type: ignore[union-attr]
-        if self.model.source == "pretrain":
-            _check(
-                self.data.dataset == "digits" or self.data.root is not None,
-                "model.source",
-                "'pretrain' needs data to train on",
+    @model_validator(mode="after")
+    def _cross_section(self) -> Experiment:
+        if self.model.source == "pretrain" and not (self.data.dataset == "digits" or self.data.root):
+            _err("'pretrain' needs data to train on", "model.source")
+        if self.model.source == "pretrain" and self.sampler.timesteps > self.pretrain.num_train_timesteps:
+            _err(
+                f"must be <= pretrain.num_train_timesteps ({self.pretrain.num_train_timesteps}), "
+                f"got {self.sampler.timesteps}",
+                "sampler.timesteps",
             )
-        if self.sampler.timesteps > self.pretrain.num_train_timesteps and self.model.source == "pretrain":
-            raise ConfigError(
-                f"sampler.timesteps: must be <= pretrain.num_train_timesteps "
-                f"({self.pretrain.num_train_timesteps}), got {self.sampler.timesteps}"
-            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (what :func:`write_resolved` stores)."""
         d = dataclasses.asdict(self)
         d.pop("source", None)
         return d
@@ -450,144 +557,246 @@ class Experiment:
         """A new, re-validated experiment with dotted-key overrides applied."""
         d = self.to_dict()
         for key, value in overrides.items():
+            if key == "sampler.spacing":  # deprecated alias
+                key, value = "sampler.timestep_spacing", _SPACING_ALIASES.get(value, value)
             set_dotted(d, key, value, where=self.source)
         return from_dict(d, source=self.source)
+
+
+_ADAPTER: TypeAdapter[Experiment] = TypeAdapter(Experiment)
+
+
+# ----------------------------------------------------------------------------- pydantic errors -> one line
+
+
+def _one_line(text: str) -> str:
+    """Escape anything that would break the message over several lines (or hide in a terminal)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _loc_text(loc: Sequence[Any]) -> str:
+    """``('extra_eval', 1)`` -> ``extra_eval[1]``; odd key names are quoted."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif part == "[key]":
+            out += " (a key)"
+        else:
+            text = str(part)
+            if not text or not text.isprintable() or len(text) > 60:
+                text = _show(text)
+            out += ("." if out else "") + text
+    return out
+
+
+def _section_class(loc: Sequence[Any]) -> Any:
+    """The dataclass a location (without its last element) points into, or None."""
+    cls: Any = Experiment
+    for part in loc:
+        fields = getattr(cls, "__pydantic_fields__", None)
+        if fields is None or part not in fields:
+            return None
+        cls = fields[part].annotation
+    return cls if hasattr(cls, "__pydantic_fields__") else None
+
+
+def _unknown_key(loc: Sequence[Any]) -> str:
+    cls = _section_class(loc[:-1])
+    if cls is None:
+        return "unknown key"
+    valid = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    where = _loc_text(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{hint} (valid keys{' in ' + where if where else ''}: {', '.join(valid)})"
+
+
+def _message(err: ErrorDetails) -> tuple[list[Any], str]:
+    """Location and message (what was expected, what was given) of one pydantic error."""
+    kind, ctx, loc = err["type"], err.get("ctx") or {}, list(err["loc"])
+    got = f", got {_show(err.get('input'))}"
+    if kind == "config":
+        if ctx.get("key"):
+            loc += str(ctx["key"]).split(".")
+        return loc, str(ctx["msg"])
+    if kind == "invalid_key":
+        return loc[:-1], f"key {_show(err.get('input'))} is not a string; config keys are names such as lr"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return loc, _unknown_key(loc)
+    simple = {
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a finite number",
+        "float_parsing": "must be a finite number",
+        "finite_number": "must be a finite number (not nan or inf)",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "list_type": "must be a list",
+        "dict_type": "must be a mapping",
+        "dataclass_type": "must be a mapping",
+        "dataclass_exact_type": "must be a mapping",
+        "model_type": "must be a mapping",
+    }
+    if kind in simple:
+        return loc, simple[kind] + got
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = ctx.get({">": "gt", ">=": "ge", "<": "lt", "<=": "le"}[bounds[kind]])
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)  # "must be > 0", not "> 0.0"
+        return loc, f"must be {bounds[kind]} {limit}{got}"
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace(" or ", ", ")
+        return loc, f"must be one of {expected}{got}"
+    if kind == "too_short":
+        return loc, f"must have at least {ctx.get('min_length')} item(s){got}"
+    if kind == "too_long":
+        return loc, f"must have at most {ctx.get('max_length')} item(s){got}"
+    if kind == "string_too_short":
+        return loc, "must not be empty"
+    if kind == "missing":
+        return loc, "is required"
+    return loc, str(err.get("msg", kind)).removeprefix("Value error, ") + got
+
+
+def _first_error(exc: ValidationError) -> str:
+    """The first (most relevant) error of a pydantic ``ValidationError`` as ``key: message``."""
+    loc, msg = _message(exc.errors(include_url=False)[0])
+    where = _loc_text(loc)
+    return _one_line(f"{where}: {msg}" if where else msg)
 
 
 # ----------------------------------------------------------------------------- generic loading
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any, where: str = "<overrides>") -> None:
-    """Set ``d['a']['b'] = value`` for ``key='a.b'``; unknown sections are a :class:`ConfigError`."""
+    """Set ``d['a']['b'] = value`` for ``key='a.b'``; unknown keys are a :class:`ConfigError`."""
     parts = key.split(".")
     cur = d
     for p in parts[:-1]:
         if p not in cur or not isinstance(cur[p], dict):
-            raise ConfigError(f"{where}: {key}: unknown config key")
+            raise ConfigError(_one_line(f"{where}: {key}: unknown config key"))
         cur = cur[p]
     if parts[-1] not in cur:
-        raise ConfigError(f"{where}: {key}: unknown config key")
+        raise ConfigError(_one_line(f"{where}: {key}: unknown config key"))
     cur[parts[-1]] = value
 
 
 def get_dotted(d: Mapping[str, Any], key: str) -> Any:
+    """``d['a']['b']`` for ``key='a.b'``."""
     cur: Any = d
     for p in key.split("."):
         cur = cur[p]
     return cur
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
-        (item_tp,) = get_args(tp)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value  # an int stays an int, so messages echo what the user wrote ("got -1")
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where or 'top level'}: must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key (valid keys{' in ' + where if where else ''}: {', '.join(fields)})"
+def _normalize(raw: Mapping[Any, Any], source: str) -> dict[Any, Any]:
+    """Shallow-copied raw config with null sections as ``{}`` and the deprecated key rewritten."""
+    out = dict(raw)
+    if "source" in out:  # an attribute of Experiment, not a config key
+        raise ConfigError(f"{source}: source: {_unknown_key(['source'])}")
+    for name in _SECTIONS:
+        if name in out and out[name] is None:
+            out[name] = {}
+    sampler = out.get("sampler")
+    if isinstance(sampler, Mapping) and "spacing" in sampler:
+        sampler = dict(sampler)
+        old = sampler.pop("spacing")
+        if "timestep_spacing" in sampler:
+            raise ConfigError(
+                f"{source}: sampler.spacing: deprecated alias of sampler.timestep_spacing; "
+                "remove it and keep timestep_spacing"
+            )
+        if not isinstance(old, str) or old not in _SPACING_ALIASES:
+            raise ConfigError(
+                _one_line(
+                    f"{source}: sampler.spacing: must be one of 'uniform', 'quadratic', got {_show(old)} "
+                    f"(deprecated; use sampler.timestep_spacing: {' | '.join(SPACINGS)})"
+                )
+            )
+        new = _SPACING_ALIASES[old]
+        sampler["timestep_spacing"] = new
+        out["sampler"] = sampler
+        print(
+            _one_line(
+                f"{source}: sampler.spacing is deprecated and will be removed; "
+                f"write sampler.timestep_spacing: {new} (read spacing: {old} as timestep_spacing: {new})"
+            ),
+            file=sys.stderr,
         )
-    kwargs: dict[str, Any] = {}
-    for name in fields:
-        if name not in raw:
-            continue
-        key = f"{where}.{name}" if where else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], key)  # type: ignore[arg-type]
-        else:
-            kwargs[name] = _coerce(raw[name], tp, key)
-    return cls(**kwargs)
+    return out
 
 
 def from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Experiment:
-    """Build and validate an :class:`Experiment`; errors are prefixed with ``source``."""
+    """Build and validate an :class:`Experiment`; errors are prefixed with ``source``.
+
+    Also validates ``search.space`` and checks every value a search parameter can take against
+    its config key (see :func:`check_search_space`).
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            _one_line(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+        )
+    data = _normalize(raw, source)
     try:
-        exp: Experiment = _build(Experiment, raw, "")
-        exp.source = source
-        exp.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        exp = _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(f"{source}: {_first_error(e)}")) from None
+    except (RecursionError, OverflowError, MemoryError) as e:  # pathological inputs
+        raise ConfigError(_one_line(f"{source}: cannot validate: {type(e).__name__}")) from None
+    exp.source = source
+    check_search_space(exp)
     return exp
 
 
+def _read_yaml(p: Path) -> Any:
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(_one_line(f"{p}: cannot read the experiment file: {e.strerror or e}")) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{p}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save the file as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        problem = " ".join(str(e.problem or e).split())
+        hint = "; use plain YAML (mappings, lists, strings, numbers, booleans, null) without tags"
+        raise ConfigError(
+            _one_line(
+                f"{p}: not valid YAML: {problem}"
+                + (f" (line {e.problem_mark.line + 1})" if e.problem_mark else "")
+                + (hint if "tag" in problem else "")
+            )
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0] if str(e) else "invalid YAML"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(
+            _one_line(f"{p}: not valid YAML: {' '.join(str(problem).split())}{where}")
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
+
+
 def load_experiment(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Experiment:
-    """Load an experiment YAML (``yaml.safe_load``), apply dotted overrides, validate."""
+    """Load an experiment YAML (``yaml.safe_load``), apply dotted overrides, validate.
+
+    Every problem (missing or unreadable file, non-UTF-8 bytes, invalid YAML, YAML tags, wrong
+    shapes, unknown keys, bad values) is a :class:`ConfigError` with a one-line message that
+    starts with the file's path. Notes (deprecated keys, few final seeds) go to stderr.
+    """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: experiment file not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
-        raise ConfigError(f"{p}: not valid YAML: {first}") from None
+        raise ConfigError(_one_line(f"{p}: experiment file not found"))
+    raw = _read_yaml(p)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -595,7 +804,14 @@ def load_experiment(path: str | os.PathLike[str], overrides: Mapping[str, Any] |
     if overrides:
         for key, value in overrides.items():
             _set_raw(raw, key, value)
-    return from_dict(raw, source=str(p))
+    exp = from_dict(raw, source=str(p))
+    if len(exp.eval.final_seeds) < 3:
+        print(
+            f"{p}: eval.final_seeds: only {len(exp.eval.final_seeds)} seed(s); "
+            "final figures are mean +- std over seeds, use at least 3",
+            file=sys.stderr,
+        )
+    return exp
 
 
 def _set_raw(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -613,9 +829,12 @@ def _set_raw(raw: dict[str, Any], key: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse a ``--set key=value`` override; the value is read as YAML (so ``1e-4`` is a float)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected key=value")
+        raise ConfigError(_one_line(f"--set {text}: expected key=value"))
     key, value = text.split("=", 1)
-    parsed = yaml.safe_load(value) if value else None
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        raise ConfigError(_one_line(f"--set {text}: the value is not valid YAML")) from None
     if isinstance(parsed, str) and any(c in parsed for c in "eE."):
         with contextlib.suppress(ValueError):
             parsed = float(parsed)
@@ -648,35 +867,477 @@ def expand(path: str) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(path)))
 
 
+# ----------------------------------------------------------------------------- checks needing more than the file
+
+
+def check_timesteps_against(exp: Experiment, num_train_timesteps: int) -> None:
+    """Raise a one-line :class:`ConfigError` if ``sampler.timesteps`` (or a searched value of it)
+    exceeds the loaded model's ``num_train_timesteps``. Call it once the model's scheduler config
+    is known (``model.source: diffusers``; ``pretrain`` is checked at load)."""
+    values = [("sampler.timesteps", exp.sampler.timesteps)]
+    for p in validate_space(exp.search.space) if exp.search.space else []:
+        if p.key == "sampler.timesteps":
+            values += [(f"search.space.{p.key}", v) for v in _probe_values(p)]
+    for where, t in values:
+        if isinstance(t, int | float) and t > num_train_timesteps:
+            raise ConfigError(
+                f"{exp.source}: {where}: must be <= the model's num_train_timesteps ({num_train_timesteps}), "
+                f"got {t}; use fewer sampler steps"
+            )
+
+
+def check_feature_names(exp: Experiment) -> None:
+    """Check that every ``torchvision:<arch>`` feature space (also in ``search.space``) names a model
+    in ``torchvision.models.list_models()``. Imports torchvision (lazily): CLIs call it after
+    :func:`load_experiment`, once importing torch is acceptable."""
+    names = [("features.train", exp.features.train), ("features.eval", exp.features.eval)]
+    names += [(f"features.extra_eval[{i}]", n) for i, n in enumerate(exp.features.extra_eval)]
+    for p in validate_space(exp.search.space) if exp.search.space else []:
+        if p.key in ("features.train", "features.eval"):
+            names += [(f"search.space.{p.key}", v) for v in p.choices if isinstance(v, str)]
+    wanted = [(k, n.split(":", 1)[1]) for k, n in names if n.startswith("torchvision:")]
+    if not wanted:
+        return
+    import torchvision
+
+    available = set(torchvision.models.list_models())
+    for where, arch in wanted:
+        if arch not in available:
+            close = difflib.get_close_matches(arch, sorted(available), n=1)
+            hint = f"; did you mean 'torchvision:{close[0]}'?" if close else ""
+            raise ConfigError(
+                _one_line(
+                    f"{exp.source}: {where}: torchvision has no model {arch!r}{hint} "
+                    "(see torchvision.models.list_models())"
+                )
+            )
+
+
+# ----------------------------------------------------------------------------- search.space specification
+#
+# The format is documented in mmdsweep/search.py (which turns it into Optuna searchers). The
+# specification itself is configuration, so it is validated here, at load, with the rest.
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+_OPTIONS = {"uniform": {"step"}, "loguniform": set(), "int": {"log", "step"}, "choice": set()}
+
+Scalar = str | int | float | bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchParam:
+    """One validated search-space entry (one branch of a dotted config key)."""
+
+    key: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    choices: tuple[Scalar, ...] = ()
+    log: bool = False
+    step: float | int | None = None
+    when: tuple[tuple[str, tuple[Scalar, ...]], ...] = dataclasses.field(default=())
+
+    @property
+    def optuna_name(self) -> str:
+        """Name of this branch in the Optuna study (the key itself when unconditional)."""
+        if not self.when:
+            return self.key
+        conds = ",".join(f"{k}={'|'.join(str(v) for v in vals)}" for k, vals in self.when)
+        return f"{self.key}[{conds}]"
+
+    def is_active(self, values: Mapping[str, Any]) -> bool:
+        """True when every ``when`` condition holds for the values sampled so far."""
+        return all(k in values and _value_in(values[k], vals) for k, vals in self.when)
+
+    def suggest(self, trial: Any) -> Any:
+        """Sample this parameter from an Optuna trial under its Optuna name."""
+        name = self.optuna_name
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            assert isinstance(self.low, int) and isinstance(self.high, int)
+            return trial.suggest_int(name, self.low, self.high, step=int(self.step or 1), log=self.log)
+        assert self.low is not None and self.high is not None
+        return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+def _value_in(value: Any, allowed: Sequence[Scalar]) -> bool:
+    """Equality that keeps bool and int apart (``True`` does not match ``1``)."""
+    return any(type(value) is type(a) and value == a for a in allowed) or any(
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and isinstance(a, int | float)
+        and not isinstance(a, bool)
+        and value == a
+        for a in allowed
+    )
+
+
+def _is_number(x: Any) -> bool:
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _fmt(x: Any) -> str:
+    """Render a spec fragment the way it was written (lists without quotes on numbers)."""
+    if isinstance(x, list | tuple):
+        return "[" + ", ".join(_fmt(v) for v in x) + "]"
+    return _show(x) if not isinstance(x, str) else (x if len(x) < 60 else _show(x))
+
+
+def _bounds(where: str, kind: str, value: Any) -> tuple[Any, Any]:
+    """Check a ``[low, high]`` pair for a numeric distribution."""
+    if not (isinstance(value, list | tuple) and len(value) == 2 and all(_is_number(v) for v in value)):
+        raise ValueError(f"{where}: {kind} needs a list [low, high] of two finite numbers, got {_fmt(value)}")
+    low, high = value
+    if kind == "loguniform" and not 0 < low < high:
+        raise ValueError(f"{where}: loguniform needs 0 < low < high, got {_fmt(value)}")
+    if kind == "int":
+        if not all(isinstance(v, int) for v in value):
+            raise ValueError(f"{where}: int needs integer bounds, got {_fmt(value)}")
+        if not low < high:
+            raise ValueError(f"{where}: int needs low < high, got {_fmt(value)}")
+    if kind == "uniform" and not low < high:
+        raise ValueError(f"{where}: uniform needs low < high, got {_fmt(value)}")
+    return low, high
+
+
+def _choices(where: str, value: Any) -> tuple[Scalar, ...]:
+    """Check the option list of a ``choice`` distribution."""
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"{where}: choice needs a non-empty list of options, got {_fmt(value)}")
+    for v in value:
+        if not isinstance(v, str | int | float | bool):
+            raise ValueError(f"{where}: choice options must be str, int, float or bool, got {_show(v)}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where}: choice options must be finite, got {v!r}")
+    if len({(type(v), v) for v in value}) != len(value):
+        raise ValueError(f"{where}: choice options must be distinct, got {_fmt(value)}")
+    return tuple(value)
+
+
+def _step_and_log(where: str, kind: str, spec: Mapping[str, Any], low: Any, high: Any) -> tuple[Any, bool]:
+    """Validate the optional ``step`` and ``log`` options."""
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ValueError(f"{where}: log must be true or false, got {_show(log)}")
+    step = spec.get("step")
+    if log and step not in (None, 1):
+        raise ValueError(f"{where}: {kind} cannot combine log: true with step")
+    if log and low < 1:
+        raise ValueError(f"{where}: int with log: true needs low >= 1, got {_fmt([low, high])}")
+    if step is None:
+        return None, log
+    if kind == "int":
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 1):
+            raise ValueError(f"{where}: int step must be an integer >= 1, got {_show(step)}")
+        if (high - low) % step:
+            raise ValueError(f"{where}: int step {step} does not divide high - low = {high - low}")
+    elif not (_is_number(step) and 0 < step <= high - low):
+        raise ValueError(f"{where}: uniform step must be a number in (0, high - low], got {_show(step)}")
+    return step, log
+
+
+def _when(
+    where: str, raw: Any, parsed: Mapping[str, list[SearchParam]]
+) -> tuple[tuple[str, tuple[Scalar, ...]], ...]:
+    """Validate a ``when`` mapping against its (already parsed) parent parameters."""
+    out = []
+    for parent, allowed in raw.items():
+        values = tuple(allowed) if isinstance(allowed, list | tuple) else (allowed,)
+        if not values:
+            raise ValueError(f"{where}: when {parent!r} needs at least one value")
+        for branch in parsed[parent]:
+            _check_parent_values(where, parent, branch, values)
+        out.append((str(parent), values))
+    return tuple(out)
+
+
+def _check_parent_values(where: str, parent: str, branch: SearchParam, values: tuple[Any, ...]) -> None:
+    """Values in ``when`` must be ones the parent can take."""
+    if branch.kind == "choice":
+        bad = [v for v in values if not _value_in(v, branch.choices)]
+        if bad:
+            raise ValueError(
+                f"{where}: when {parent} = {_fmt(bad)}: not among its choices {_fmt(branch.choices)}"
+            )
+    elif branch.kind == "int":
+        assert branch.low is not None and branch.high is not None
+        bad = [v for v in values if not (isinstance(v, int) and branch.low <= v <= branch.high)]
+        if bad:
+            raise ValueError(f"{where}: when {parent} = {_fmt(bad)}: outside its int range")
+    else:
+        raise ValueError(
+            f"{where}: when can only refer to choice or int parameters; {parent} is {branch.kind}"
+        )
+
+
+def _parse_spec(where: str, key: str, spec: Any, parsed: Mapping[str, list[SearchParam]]) -> SearchParam:
+    """Validate one distribution spec into a :class:`SearchParam` (its parents already parsed)."""
+    kinds = [k for k in spec if k in DISTRIBUTIONS]
+    others = [str(k) for k in spec if k not in DISTRIBUTIONS and k not in ("when", "log", "step")]
+    if not kinds and others:
+        raise ValueError(
+            f"{where}: unknown distribution {_show(others[0])}; expected one of {', '.join(DISTRIBUTIONS)}"
+        )
+    if len(kinds) != 1:
+        raise ValueError(
+            f"{where}: needs exactly one distribution out of {', '.join(DISTRIBUTIONS)}; "
+            f"got keys {_show(sorted(map(str, spec)))}"
+        )
+    kind = kinds[0]
+    unknown = set(spec) - {kind, "when"} - _OPTIONS[kind]
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {_show(sorted(map(str, unknown)))} for {kind}")
+    when = _when(where, spec["when"], parsed) if "when" in spec else ()
+    if kind == "choice":
+        return SearchParam(key=key, kind=kind, choices=_choices(where, spec[kind]), when=when)
+    low, high = _bounds(where, kind, spec[kind])
+    step, log = _step_and_log(where, kind, spec, low, high)
+    return SearchParam(
+        key=key, kind=kind, low=low, high=high, log=log or kind == "loguniform", step=step, when=when
+    )
+
+
+def _exclusive(a: SearchParam, b: SearchParam) -> bool:
+    """True when the two branches' conditions can never hold together."""
+    bw = dict(b.when)
+    return any(k in bw and not any(_value_in(v, bw[k]) for v in vals) for k, vals in a.when)
+
+
+def _parents(where: str, spec: Any, keys: Sequence[str]) -> list[str]:
+    """Shape-check one spec and return the parameters its ``when`` refers to."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"{where}: a distribution spec must be a mapping like {{uniform: [0, 1]}}, got {_show(spec)}"
+        )
+    if "when" not in spec:
+        return []
+    raw = spec["when"]
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(f"{where}: when needs a non-empty mapping {{parameter: value(s)}}, got {_show(raw)}")
+    for parent in raw:
+        if parent not in keys:
+            known = [k for k in keys if k != where]
+            raise ValueError(
+                f"{where}: when refers to unknown parameter {_show(parent)} (known: {_show(known, 200)})"
+            )
+    return [str(p) for p in raw]
+
+
+def _topological(where: str, deps: Mapping[str, set[str]]) -> list[str]:
+    """Keys ordered so that every ``when`` parent comes before its children (declaration order
+    otherwise); a cycle is an error naming its keys."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+
+    def visit(key: str, path: list[str]) -> None:
+        if state.get(key) == 2:
+            return
+        if state.get(key) == 1:
+            cycle = path[path.index(key) :] + [key]
+            raise ValueError(f"{where}: when conditions form a cycle: {' -> '.join(cycle)}")
+        state[key] = 1
+        for parent in sorted(deps[key], key=list(deps).index):
+            visit(parent, [*path, key])
+        state[key] = 2
+        order.append(key)
+
+    for key in deps:
+        visit(key, [])
+    return order
+
+
+def validate_space(space: Any, where: str = "search.space") -> list[SearchParam]:
+    """Validate a ``search.space`` mapping; return its parameters, parents before children.
+
+    A ``when`` may refer to a parameter declared later (YAML mapping order does not matter; the
+    order is a topological sort, declaration order among independent keys); a cycle is an error.
+    Raises ``ValueError`` naming the offending entry, e.g.
+    ``search.space.finetune.lr: loguniform needs 0 < low < high, got [0, 1]``.
+    """
+    if not isinstance(space, Mapping) or not space:
+        raise ValueError(f"{where}: must be a non-empty mapping of config key -> distribution")
+    keys: list[str] = []
+    specs_of: dict[str, list[tuple[str, Any]]] = {}
+    deps: dict[str, set[str]] = {}
+    for key in space:
+        if not isinstance(key, str) or not key or any(c in key for c in "[]/= ") or not key.isprintable():
+            raise ValueError(
+                f"{where}: invalid parameter key {_show(key)} (dotted config key without []/= or spaces)"
+            )
+        keys.append(key)
+    for key in keys:
+        raw = space[key]
+        specs = raw if isinstance(raw, list) else [raw]
+        if not specs:
+            raise ValueError(f"{where}.{key}: empty list of branches")
+        specs_of[key] = [
+            (f"{where}.{key}" + (f"[{i}]" if isinstance(raw, list) else ""), s) for i, s in enumerate(specs)
+        ]
+        deps[key] = set()
+        for w, s in specs_of[key]:
+            deps[key].update(_parents(w, s, keys))
+    parsed: dict[str, list[SearchParam]] = {}
+    params: list[SearchParam] = []
+    for key in _topological(where, deps):
+        branches = [_parse_spec(w, key, s, parsed) for w, s in specs_of[key]]
+        _check_branches(f"{where}.{key}", branches)
+        parsed[key] = branches
+        params.extend(branches)
+    return params
+
+
+def _check_branches(where: str, branches: list[SearchParam]) -> None:
+    """Several specs for one key need a ``when`` each, pairwise exclusive."""
+    if len(branches) == 1:
+        return
+    if any(not b.when for b in branches):
+        raise ValueError(f"{where}: with several specs, every spec needs a when condition")
+    for i, a in enumerate(branches):
+        for b in branches[i + 1 :]:
+            if not _exclusive(a, b):
+                raise ValueError(f"{where}: branches {a.optuna_name} and {b.optuna_name} may both apply")
+
+
+def _probe_values(p: SearchParam) -> list[Any]:
+    """Values that stand for everything ``p`` can suggest: every choice, or both ends of a range
+    (as floats for ``uniform``/``loguniform``, since Optuna suggests floats there)."""
+    if p.kind == "choice":
+        return list(p.choices)
+    if p.kind == "int":
+        return [p.low, p.high]
+    assert p.low is not None and p.high is not None
+    return [float(p.low), float(p.high)]
+
+
+def check_search_space(exp: Experiment) -> list[SearchParam]:
+    """Validate ``exp.search.space`` and every value each parameter can take.
+
+    Each value is checked by building the experiment with it (and with the values of its
+    ``when`` parents), so the key must exist and the value must be valid for its field and the
+    cross-field rules: ``finetune.lr: {uniform: [-1, 1]}``, ``sampler.eta: {choice: [0, 2]}`` or
+    ``sampler.timesteps: {uniform: [5, 10]}`` (an int key) are refused with a one-line
+    :class:`ConfigError`. Returns the parameters (empty when there is no search space).
+    """
+    space = exp.search.space
+    if not space:
+        return []
+    try:
+        params = validate_space(space, where="search.space")
+    except ValueError as e:
+        raise ConfigError(_one_line(f"{exp.source}: {e}")) from None
+    base = exp.to_dict()
+    base["search"]["space"] = {}
+    by_key = {p.key: p for p in params}
+    for p in params:
+        parents = {k: vals[0] for k, vals in p.when if k in by_key}
+        for value in _probe_values(p):
+            d = json.loads(json.dumps(base))
+            try:
+                for k, v in [*parents.items(), (p.key, value)]:
+                    set_dotted(d, k, v, where=exp.source)
+            except ConfigError:
+                raise ConfigError(
+                    _one_line(
+                        f"{exp.source}: search.space.{p.key}: not a config key; use a dotted key such as finetune.lr"
+                    )
+                ) from None
+            try:
+                _ADAPTER.validate_python(d)
+            except ValidationError as e:
+                raise ConfigError(
+                    _one_line(
+                        f"{exp.source}: search.space.{p.key}: value {_show(value)} is invalid: {_first_error(e)}"
+                    )
+                ) from None
+    return params
+
+
 # ----------------------------------------------------------------------------- reference docs
 
 
+def _constraint(m: Any) -> str | None:
+    for cls, op, attr in ((at.Gt, ">", "gt"), (at.Ge, ">=", "ge"), (at.Lt, "<", "lt"), (at.Le, "<=", "le")):
+        if isinstance(m, cls):
+            return f"{op} {getattr(m, attr)}"
+    if isinstance(m, at.MinLen):
+        return f"at least {m.min_length} item(s)" if m.min_length > 1 else "non-empty"
+    if isinstance(m, at.MaxLen):
+        return f"at most {m.max_length} items"
+    return None
+
+
+def _type_name(tp: Any, metadata: Sequence[Any] = ()) -> str:
+    """Human-readable type of an annotation, with its constraints."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *meta = get_args(tp)
+        return _type_name(base, [*meta, *metadata])
+    cons = [c for c in map(_constraint, metadata) if c]
+    suffix = f" ({', '.join(cons)})" if cons else ""
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp)) + suffix
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        inner = " or ".join(_type_name(a) for a in args)
+        return f"{inner}{suffix} or null" if type(None) in get_args(tp) else inner + suffix
+    if origin is list:
+        return f"a list of [{_type_name(get_args(tp)[0])}]{suffix}"
+    if origin is dict:
+        return "a mapping"
+    if hasattr(tp, "__pydantic_fields__"):
+        return "a mapping (see below)"
+    name = {int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+    return name + suffix
+
+
+def _section_lines(title: str, cls: Any) -> list[str]:
+    doc = " ".join((cls.__doc__ or "").split())
+    lines = [f"## `{title}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    nested: list[tuple[str, Any]] = []
+    instance = cls()
+    for name, fi in cls.__pydantic_fields__.items():
+        default = getattr(instance, name)
+        if dataclasses.is_dataclass(default):
+            nested.append((f"{title}.{name}", type(default)))
+            shown = "see below"
+        else:
+            shown = json.dumps(default) if not isinstance(default, str) else default
+            shown = f"`{shown}`"
+        desc = (fi.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | {_type_name(fi.annotation, fi.metadata)} | {shown} | {desc} |")
+    lines.append("")
+    for sub_title, sub_cls in nested:
+        lines += _section_lines(sub_title, sub_cls)
+    return lines
+
+
 def reference_markdown() -> str:
-    """Markdown reference of every section and key with its type and default (docs/configuration.md)."""
+    """Markdown reference of every section and key with its type, default and meaning
+    (docs/configuration.md)."""
     lines = [
         "# Experiment configuration reference",
         "",
         "Generated from `mmdsweep/config.py` by `python -m mmdsweep.config > docs/configuration.md`;",
-        "a test checks that this file is current. Unknown keys, wrong types and impossible values are",
-        "rejected at load time with `FILE: section.key: message`.",
+        "a test checks that this file is current. Unknown keys, wrong types, non-finite numbers",
+        "(`.nan`, `.inf`) and impossible values are rejected at load time with one line,",
+        "`FILE: section.key: message`; so is every value a `search.space` parameter could take",
+        "that its key does not accept.",
         "",
         "Top level: `name` (string, default `default`), `seed` (integer, default `0`), and the sections below.",
         "",
+        "Deprecated: `sampler.spacing` (`uniform` -> `timestep_spacing: leading`, `quadratic` ->",
+        "`timestep_spacing: quadratic`) is still read, with a note on stderr; it goes in the next release.",
+        "",
     ]
-    hints = typing.get_type_hints(Experiment)
-    for f in dataclasses.fields(Experiment):
-        tp = hints[f.name]
-        if not dataclasses.is_dataclass(tp):
-            continue
-        doc = " ".join((tp.__doc__ or "").split())
-        lines += [f"## `{f.name}`", "", doc, "", "| key | type | default |", "|---|---|---|"]
-        sub_hints = typing.get_type_hints(tp)
-        instance = tp()  # type: ignore[operator]
-        for sf in dataclasses.fields(tp):
-            default = getattr(instance, sf.name)
-            shown = json.dumps(default) if not isinstance(default, str) else default
-            lines.append(f"| `{sf.name}` | {_type_name(sub_hints[sf.name])} | `{shown}` |")
-        lines.append("")
+    for name in _SECTIONS:
+        fields: dict[str, Any] = getattr(Experiment, "__pydantic_fields__")  # noqa: B009 (mypy)
+        lines += _section_lines(name, fields[name].annotation)
     return "\n".join(lines)
 
 

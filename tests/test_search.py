@@ -79,7 +79,7 @@ def test_param_types(params: list[SearchParam]) -> None:
         "finetune.ema_decay": "float",
         "finetune.batch_size": "int",
         "finetune.accum": "int",
-        "finetune.use_ema": "bool",
+        "finetune.use_ema": "str",  # results columns are float/int/str; bools are stored as "True"/"False"
     }
     mixed = validate_space(
         {
@@ -116,8 +116,12 @@ def test_param_types(params: list[SearchParam]) -> None:
         ({"x": 0.5}, "a distribution spec must be a mapping"),
         ({"x": {"uniform": [0, 1], "when": {"y": "a"}}}, "when refers to unknown parameter 'y'"),
         (
-            {"x": {"uniform": [0, 1], "when": {"y": "a"}}, "y": {"choice": ["a", "b"]}},
-            "search.space.x: when refers to 'y', which is declared later",
+            {"x": {"uniform": [0, 1], "when": {"x": 0.5}}},
+            "search.space: when conditions form a cycle: x -> x",
+        ),
+        (
+            {"a": {"choice": [1, 2], "when": {"b": "p"}}, "b": {"choice": ["p", "q"], "when": {"a": 1}}},
+            "search.space: when conditions form a cycle: a -> b -> a",
         ),
         (
             {"y": {"choice": ["a"]}, "x": {"uniform": [0, 1], "when": {"y": "b"}}},
@@ -270,3 +274,59 @@ def test_define_by_run_pickles(params: list[SearchParam]) -> None:
     space = pickle.loads(pickle.dumps(define_by_run(params)))
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
     assert "finetune.lr" in space(trial)
+
+
+def test_when_may_refer_to_a_later_parameter() -> None:
+    params = validate_space(
+        {
+            "kernel.bandwidth": {"loguniform": [0.25, 4.0], "when": {"kernel.type": "rbf"}},
+            "kernel.coef0": {"uniform": [0, 1], "when": {"kernel.degree": 3}},
+            "kernel.degree": {"int": [2, 4], "when": {"kernel.type": "polynomial"}},
+            "kernel.type": {"choice": ["polynomial", "rbf"]},
+        }
+    )
+    order = [p.key for p in params]
+    assert order.index("kernel.type") < order.index("kernel.bandwidth")
+    assert order.index("kernel.type") < order.index("kernel.degree") < order.index("kernel.coef0")
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    cfg = define_by_run(params)(trial)
+    assert ("kernel.bandwidth" in cfg) == (cfg["kernel.type"] == "rbf")
+
+
+def test_sorted_yaml_gives_the_same_space(tmp_path: Path) -> None:
+    """digits.yaml dumped with sorted keys (kernel.bandwidth before kernel.type) means the same."""
+    from mmdsweep.config import load_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    original = load_experiment(root / "experiments" / "digits.yaml")
+    raw = yaml.safe_load((root / "experiments" / "digits.yaml").read_text())
+    sorted_file = tmp_path / "sorted.yaml"
+    sorted_file.write_text(yaml.safe_dump(raw, sort_keys=True))
+    keys = list(yaml.safe_load(sorted_file.read_text())["search"]["space"])
+    assert keys.index("kernel.bandwidth") < keys.index("kernel.type")  # the case that used to fail
+    again = load_experiment(sorted_file)
+    a = validate_space(original.search.space)
+    b = validate_space(again.search.space)
+    assert {p.optuna_name: p for p in a} == {p.optuna_name: p for p in b}
+    assert param_types(a) == param_types(b)
+
+
+def test_bool_choice_works_end_to_end(tmp_path: Path) -> None:
+    """A bool choice samples real bools and has a results column kind the results module stores."""
+    from mmdsweep.config import load_experiment
+    from mmdsweep.results import trials_schema
+
+    p = tmp_path / "x.yaml"
+    p.write_text("search:\n  space:\n    sampler.clip_sample: {choice: [true, false]}\n")
+    exp = load_experiment(p)
+    params = validate_space(exp.search.space)
+    types = param_types(params)
+    assert types == {"sampler.clip_sample": "str"}
+    trials_schema(types)  # used to fail: "parameter 'sampler.clip_sample' has type 'bool'"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(8):
+        cfg = define_by_run(params)(study.ask())
+        assert isinstance(cfg["sampler.clip_sample"], bool)
+        seen.add(exp.with_overrides(cfg).sampler.clip_sample)
+    assert seen == {True, False}
