@@ -67,7 +67,7 @@ def load_model(exp: Experiment, src: ModelSource, device: torch.device) -> Denoi
         dtype=DTYPES[exp.model.dtype],
     )
     den.unet.to(device)
-    if exp.sampler.clip_sample != den.schedule.clip_sample:
+    if exp.sampler.clip_sample is not None and exp.sampler.clip_sample != den.schedule.clip_sample:
         from dataclasses import replace
 
         den.schedule = replace(den.schedule, clip_sample=exp.sampler.clip_sample)
