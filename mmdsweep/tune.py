@@ -109,6 +109,13 @@ def validate_sweep(exp: Experiment) -> list[Any]:
         raise ConfigError(f"{exp.source}: {e}") from None
     if not params:
         raise ConfigError(f"{exp.source}: search.space: is empty; name at least one parameter to search")
+    reports = max(1, math.ceil(exp.finetune.steps / exp.finetune.eval_every))
+    if exp.search.scheduler == "asha" and exp.search.grace_period > reports:
+        # ASHA's max_t is the number of reports a trial makes; Ray asserts grace_period <= max_t
+        raise ConfigError(
+            f"{exp.source}: search.grace_period: must be <= the number of evaluations per trial "
+            f"(finetune.steps / finetune.eval_every = {reports}), got {exp.search.grace_period}"
+        )
     # each value a parameter can take must give a valid experiment (e.g. a choice of an unknown feature space)
     for p in params:
         for value in _probe_values(p):
