@@ -114,7 +114,7 @@ def check_sweep(sdir: Path, printed: str, *, resolution: int, num_trials: int) -
 
 
 def run_report(sdir: Path, rs: RealScale) -> Path:
-    res = run_cli("mmdsweep.report", [str(sdir)], rs, timeout=300)
+    res = run_cli("mmdsweep.report", [str(sdir), "--num-samples", "4", "--device", "cpu"], rs, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     html = sorted(sdir.rglob("*.html"))
     assert html, res.stdout
@@ -200,3 +200,21 @@ def test_asha_grace_period_beyond_the_evaluations_fails_before_work(
     assert rc == 2, err
     assert "search.grace_period: must be <= the number of evaluations per trial" in err
     assert err.count("\n") == 1
+
+
+def test_sweep_json_names_the_cached_snapshot_of_a_hub_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.path may be a repository id in the HF cache; sweep.json must name a loadable directory."""
+    from realscale_fixture import CIFAR10_SCHEDULER_CONFIG, write_hub_model
+
+    from mmdsweep.config import load_experiment
+    from mmdsweep.models import load_denoiser
+
+    tiny = {**CIFAR10_UNET_CONFIG, "block_out_channels": [32, 32, 32, 32], "sample_size": 8}
+    snapshot = write_hub_model(tmp_path / "hub", "google/ddpm-cifar10-32", tiny, CIFAR10_SCHEDULER_CONFIG)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    exp = load_experiment(ROOT / "experiments" / "cifar10.yaml")
+    base = tune._base_model_dir(exp, "google/ddpm-cifar10-32")
+    assert Path(base) == snapshot.resolve()
+    assert load_denoiser(base).resolution == 8
