@@ -378,8 +378,9 @@ def build_realscale(
 
 @pytest.fixture(scope="session")
 def realscale(tmp_path_factory: pytest.TempPathFactory) -> RealScale:
-    """One real-scale set (real architectures and formats, random weights) for the session."""
-    return build_realscale(tmp_path_factory.mktemp("realscale"))
+    """One real-scale set for the session: the exact CIFAR-10 DDPM; the church DDPM's architecture at
+    32x32 and half the Hub's width (64: channels 64, 64, 128, 128, 256, 256; 28M parameters)."""
+    return build_realscale(tmp_path_factory.mktemp("realscale"), church_sample_size=32, church_width=64)
 
 
 if __name__ == "__main__":  # build one by hand: python tests/realscale_fixture.py /tmp/somewhere

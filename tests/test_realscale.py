@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _flow(obj: Any) -> str:
     """A ``--set`` value in YAML flow style (parse_override reads the value as YAML)."""
-    return yaml.safe_dump(obj, default_flow_style=True, width=10_000).strip()
+    return yaml.safe_dump(obj, default_flow_style=True, width=10_000, sort_keys=False).strip()
 
 
 def common_overrides(rs: RealScale, out: Path) -> list[str]:
