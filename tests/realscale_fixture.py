@@ -246,12 +246,25 @@ def py2_pickle(obj: Any) -> bytes:
     buf = io.BytesIO()
     _Py2Pickler(buf, protocol=2).dump(obj)
     # GLOBAL opcodes carry the module as newline-terminated text: safe to rename in place
-    return buf.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n").replace(
-        b"numpy._core.numeric\n", b"numpy.core.numeric\n"
+    return (
+        buf.getvalue()
+        .replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+        .replace(b"numpy._core.numeric\n", b"numpy.core.numeric\n")
     )
 
 
-CIFAR10_LABELS = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+CIFAR10_LABELS = [
+    b"airplane",
+    b"automobile",
+    b"bird",
+    b"cat",
+    b"deer",
+    b"dog",
+    b"frog",
+    b"horse",
+    b"ship",
+    b"truck",
+]
 
 
 def _cifar_images(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -278,21 +291,23 @@ def write_cifar10_python(root: Path, *, per_batch: int = 8, test: int = 8, seed:
             b"batch_label": label.encode(),
             b"labels": labels,
             b"data": _cifar_images(n, rng),
-            b"filenames": [f"{CIFAR10_LABELS[k].decode()}_s_{i:06d}.png".encode() for i, k in enumerate(labels)],
+            b"filenames": [
+                f"{CIFAR10_LABELS[k].decode()}_s_{i:06d}.png".encode() for i, k in enumerate(labels)
+            ],
         }
         (directory / name).write_bytes(py2_pickle(batch))
     meta = {b"num_cases_per_batch": per_batch, b"label_names": CIFAR10_LABELS, b"num_vis": 3072}
     (directory / "batches.meta").write_bytes(py2_pickle(meta))
-    (directory / "readme.html").write_text("<meta HTTP-EQUIV='REFRESH' content='0; url=https://www.cs.toronto.edu/~kriz/cifar.html'>\n")
+    (directory / "readme.html").write_text(
+        "<meta HTTP-EQUIV='REFRESH' content='0; url=https://www.cs.toronto.edu/~kriz/cifar.html'>\n"
+    )
     return directory
 
 
 # ----------------------------------------------------------------------------- LSUN LMDB
 
 
-def write_lsun_lmdb(
-    path: Path, *, count: int = 36, image_format: str = "webp", seed: int = 0
-) -> Path:
+def write_lsun_lmdb(path: Path, *, count: int = 36, image_format: str = "webp", seed: int = 0) -> Path:
     """An LSUN LMDB export at ``path`` (e.g. ``.../church_outdoor_train_lmdb``)."""
     import lmdb
     from PIL import Image
@@ -307,7 +322,10 @@ def write_lsun_lmdb(
             yy, xx = np.mgrid[0:h, 0:w]
             base = rng.uniform(0, 255, size=3)
             img = np.stack(
-                [base[c] * 0.5 + 60 * np.sin(xx / rng.uniform(8, 40) + yy / rng.uniform(8, 40) + c) for c in range(3)],
+                [
+                    base[c] * 0.5 + 60 * np.sin(xx / rng.uniform(8, 40) + yy / rng.uniform(8, 40) + c)
+                    for c in range(3)
+                ],
                 axis=-1,
             )
             img = np.clip(img + rng.normal(0, 10, img.shape) + 64, 0, 255).astype(np.uint8)
@@ -363,7 +381,11 @@ def build_realscale(
         hub_cache=hub,
         cifar10_model=write_hub_model(hub, CIFAR10_REPO, CIFAR10_UNET_CONFIG, CIFAR10_SCHEDULER_CONFIG),
         church_model=write_hub_model(
-            hub, CHURCH_REPO, church_unet_config(church_sample_size, church_width), CHURCH_SCHEDULER_CONFIG, seed=1
+            hub,
+            CHURCH_REPO,
+            church_unet_config(church_sample_size, church_width),
+            CHURCH_SCHEDULER_CONFIG,
+            seed=1,
         ),
         church_sample_size=church_sample_size,
         church_width=church_width,
@@ -371,7 +393,9 @@ def build_realscale(
         clip=write_clip_weights(weights / CLIP_FILENAME, clip_arch),
         clip_arch=clip_arch,
         cifar10=write_cifar10_python(root / "cifar10", per_batch=cifar_per_batch, test=cifar_test),
-        lsun=write_lsun_lmdb(root / "lsun" / "church_outdoor_train_lmdb", count=lsun_count, image_format=lsun_format),
+        lsun=write_lsun_lmdb(
+            root / "lsun" / "church_outdoor_train_lmdb", count=lsun_count, image_format=lsun_format
+        ),
         cache=(root / "cache"),
     )
 

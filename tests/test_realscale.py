@@ -108,7 +108,7 @@ def check_sweep(sdir: Path, printed: str, *, resolution: int, num_trials: int) -
         assert pipe.unet.config.sample_size == resolution
         images = pipe(batch_size=1, num_inference_steps=int(T), eta=0.0, output_type="np").images
         assert images.shape == (1, resolution, resolution, 3)
-        assert 0.0 <= images.min() and images.max() <= 1.0
+        assert images.min() >= 0.0 and images.max() <= 1.0
     speed = pd.read_parquet(sdir / "speed.parquet")
     assert {"base"} <= set(speed["model"])
 
