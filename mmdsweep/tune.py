@@ -109,6 +109,13 @@ def validate_sweep(exp: Experiment) -> list[Any]:
         raise ConfigError(f"{exp.source}: {e}") from None
     if not params:
         raise ConfigError(f"{exp.source}: search.space: is empty; name at least one parameter to search")
+    reports = max(1, math.ceil(exp.finetune.steps / exp.finetune.eval_every))
+    if exp.search.scheduler == "asha" and exp.search.grace_period > reports:
+        # ASHA's max_t is the number of reports a trial makes; Ray asserts grace_period <= max_t
+        raise ConfigError(
+            f"{exp.source}: search.grace_period: must be <= the number of evaluations per trial "
+            f"(finetune.steps / finetune.eval_every = {reports}), got {exp.search.grace_period}"
+        )
     # each value a parameter can take must give a valid experiment (e.g. a choice of an unknown feature space)
     for p in params:
         for value in _probe_values(p):
@@ -196,9 +203,7 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     t0 = time.time()
     prepare_caches(exp, params)
     src = comp.resolve_model_source(exp, allow_pretrain=False)
-    meta["base_model_dir"] = (
-        str(Path(src.model_dir).resolve()) if "://" not in src.model_dir else src.model_dir
-    )
+    meta["base_model_dir"] = _base_model_dir(exp, src.model_dir)
     _write_meta(sdir, meta)
     prep_s = time.time() - t0
 
@@ -265,6 +270,16 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     meta.update(finalize(exp, sdir, meta))
     _write_meta(sdir, meta)
     return meta
+
+
+def _base_model_dir(exp: Experiment, model_dir: str) -> str:
+    """The base model's directory for sweep.json: a hub repository id resolves to its cached snapshot."""
+    if "://" in model_dir:
+        return model_dir
+    from mmdsweep.models import resolve_model_dir
+
+    revision = exp.model.revision if exp.model.source == "diffusers" else None
+    return str(resolve_model_dir(model_dir, revision).resolve())
 
 
 def _baseline(grid: Any) -> dict[str, dict[str, float]]:
