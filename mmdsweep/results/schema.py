@@ -122,7 +122,7 @@ TRIAL_RESULT_FIELDS = [
     pa.field("started_at", TIMESTAMP_TYPE, nullable=False),
     pa.field("updated_at", TIMESTAMP_TYPE, nullable=False),
 ]
-_TRIAL_SEQ_FIELD = pa.field("event_seq", pa.int64(), nullable=False)
+_TRIAL_SEQ_FIELD = pa.field("event_seq", pa.int64())  # always set by the writer
 TRIALS_KEY = ("trial_id",)
 
 
