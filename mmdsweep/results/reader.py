@@ -93,13 +93,17 @@ def unify(tables: list[pa.Table], name: str) -> pa.Table:
     """
     tables = [_upgrade(t, name) for t in tables]
     types: dict[str, pa.DataType] = {}
+    nullable: dict[str, bool] = {}
     for table in tables:
         for fld in table.schema:
             wider = wider_type(types.get(fld.name), None if pa.types.is_null(fld.type) else fld.type)
             types[fld.name] = wider if wider is not None else pa.null()
+            nullable[fld.name] = nullable.get(fld.name, False) or fld.nullable
+    for n in types:  # a column some table lacks gets nulls there
+        nullable[n] = nullable[n] or any(n not in t.column_names for t in tables)
     core = [n for n in METRICS_CORE_SCHEMA.names if n in types] if name == "metrics" else []
     order = core + [n for n in types if n not in core]
-    schema = pa.schema([pa.field(n, types[n]) for n in order])
+    schema = pa.schema([pa.field(n, types[n], nullable=nullable[n]) for n in order])
     columns: dict[str, list[pa.ChunkedArray | pa.Array]] = {n: [] for n in order}
     for table in tables:
         for n in order:
