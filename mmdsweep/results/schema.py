@@ -226,10 +226,20 @@ def _values_kind(values: Iterable[Any]) -> str:
 _RANK = {pa.bool_(): 1, pa.int64(): 2, pa.float64(): 3, pa.string(): 4}
 
 
+_FAST_TYPES: dict[type, pa.DataType | None] = {
+    bool: pa.bool_(),
+    int: pa.int64(),
+    float: pa.float64(),
+    str: pa.string(),
+    type(None): None,
+}
+
+
 def value_type(value: Any) -> pa.DataType | None:
     """Arrow type of one reported value (``None`` for a missing value)."""
-    if value is None:
-        return None
+    fast = _FAST_TYPES.get(type(value), False)
+    if fast is not False:
+        return fast  # type: ignore[return-value]
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         return pa.bool_()
     if isinstance(value, int) or _is_np(value, "integer"):
@@ -289,17 +299,23 @@ def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     """
     out: dict[str, Any] = {}
     for key, value in report.items():
-        name = f"{prefix}{key}"
-        if not prefix and key in SKIPPED_REPORT_KEYS:
+        name = f"{prefix}{key}" if prefix else str(key)
+        if not prefix and name in SKIPPED_REPORT_KEYS:
             continue
-        if isinstance(value, Mapping):
-            out.update(flatten_report(value, prefix=f"{name}/"))
-            continue
-        if _is_np(value, "generic"):
-            value = value.item()  # numpy scalar -> Python scalar (typed, JSON-able)
-        if not prefix and name in METRICS_CORE_SCHEMA.names:
+        kind = type(value)
+        if kind not in _FAST_TYPES:
+            if isinstance(value, Mapping):
+                out.update(flatten_report(value, prefix=f"{name}/"))
+                continue
+            if _is_np(value, "generic"):
+                value = value.item()  # numpy scalar -> Python scalar (typed, JSON-able)
+                kind = type(value)
+        if not prefix and name in _CORE_NAMES:
             name = REPORTED_PREFIX + name
-        if is_score_column(name) and value_type(value) == pa.float64() and not math.isfinite(float(value)):
+        if kind is float and not math.isfinite(value) and is_score_column(name):
             value = None
         out[name] = value
     return out
+
+
+_CORE_NAMES = frozenset(METRICS_CORE_SCHEMA.names)

@@ -509,11 +509,14 @@ class ResultsWriter:
             os.fsync(self._wal.fileno())
 
     def _note_types(self, metrics: Mapping[str, Any]) -> None:
+        columns = self._columns
         for name, value in metrics.items():
             if name in _CORE:
                 continue
             kind = value_type(value)
-            if name in self._columns:
+            if kind is None or columns.get(name) == kind:
+                continue
+            if name in columns:
                 wider = wider_type(self._columns[name], kind)
                 if wider is not None and wider != self._columns[name]:
                     self._columns[name] = wider
