@@ -99,7 +99,9 @@ def readers() -> dict[str, Callable[[Path], int | None]]:
     }
 
 
-def read_while(sdir: Path, running: Callable[[], bool], pause: float) -> tuple[dict[str, list[int]], list[str]]:
+def read_while(
+    sdir: Path, running: Callable[[], bool], pause: float
+) -> tuple[dict[str, list[int]], list[str]]:
     """Read with every reader until ``running()`` is false, then once more; counts and failures."""
     counts: dict[str, list[int]] = {name: [] for name in readers()}
     failures: list[str] = []

@@ -225,11 +225,12 @@ def sweep(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     return {"out_dir": out_dir, "storage": storage, "recorder": recorder, "modes": modes}
 
 
-
 # --------------------------------------------------------------------------- atomic write
 
 
-def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_keeps_old_file_when_writer_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "t.parquet"
     R.atomic_write_table(pa.table({"x": [1, 2, 3]}), path)
 
@@ -389,7 +390,9 @@ def test_metadata_records_version_sweep_and_experiment(sweep: dict[str, Any]) ->
 # --------------------------------------------------------------------------- resume
 
 
-def test_replaying_the_same_trials_into_a_new_callback_adds_nothing(sweep: dict[str, Any], tmp_path: Path) -> None:
+def test_replaying_the_same_trials_into_a_new_callback_adds_nothing(
+    sweep: dict[str, Any], tmp_path: Path
+) -> None:
     """Simulated resume: a second callback on a copy of the dir gets every Tune event again."""
     out_dir = _copy_results(sweep["out_dir"], tmp_path / "results")
     before_trials, before_metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
@@ -695,7 +698,9 @@ def test_redelivered_report_after_restore_appears_once_with_the_later_values(tmp
     cb = callback(tmp_path)
     t = fake_trial("t")
     for step in (1, 2, 3):
-        cb.on_trial_result(0, [], t, {**report_dict(step, 10.0 + step, "running"), "training_iteration": step})
+        cb.on_trial_result(
+            0, [], t, {**report_dict(step, 10.0 + step, "running"), "training_iteration": step}
+        )
     cb.flush()
     restored = pickle.loads(pickle.dumps(cb))  # what Tuner.restore does
     # Tune restored the trial from its iteration-1 checkpoint: steps 2 and 3 come again
@@ -754,7 +759,9 @@ def test_open_columns_types_and_promotion(tmp_path: Path) -> None:
 
     cb = callback(tmp_path, flush_every=1)
     t = fake_trial("t")
-    cb.on_trial_result(0, [], t, {"step": 1, "n": 1, "x": np.float32(0.5), "flag": np.bool_(True), "tags": [1, 2]})
+    cb.on_trial_result(
+        0, [], t, {"step": 1, "n": 1, "x": np.float32(0.5), "flag": np.bool_(True), "tags": [1, 2]}
+    )
     cb.on_trial_result(0, [], t, {"step": 2, "n": 2.5, "late": "yes", "time": "reported"})
     table = R.read_results_table(tmp_path, "metrics")
     types = {f.name: f.type for f in table.schema}
@@ -777,7 +784,9 @@ def test_parts_sort_newest_first_so_glob_readers_see_every_column(tmp_path: Path
     frame = pl.read_parquet(glob, missing_columns="insert")
     assert "fid@space" in frame.columns and frame.height == 2
     assert "fid@space" in pd.read_parquet(tmp_path / "metrics").columns
-    assert len(sql(f"select * from read_parquet('{glob}', union_by_name=true)").fetchall()[0]) == len(frame.columns)
+    assert len(sql(f"select * from read_parquet('{glob}', union_by_name=true)").fetchall()[0]) == len(
+        frame.columns
+    )
 
 
 def test_temporary_files_are_invisible_to_readers(tmp_path: Path) -> None:
@@ -832,7 +841,10 @@ def test_schema1_sweep_resumes_and_compacts_to_schema2(tmp_path: Path) -> None:
     out = _copy_results(V1_DIR, tmp_path / "v1")
     cb = ParquetResultsCallback(out, "sweep-v1", {"finetune.lr": "float"}, "digits_v1")
     cb.on_trial_result(
-        0, [], fake_trial("c0", {"finetune.lr": 1e-3}), {**report_dict(2, 50.0, "running"), "training_iteration": 1}
+        0,
+        [],
+        fake_trial("c0", {"finetune.lr": 1e-3}),
+        {**report_dict(2, 50.0, "running"), "training_iteration": 1},
     )
     cb.on_experiment_end([])
     assert R.schema_version(out / "metrics.parquet") == "2"

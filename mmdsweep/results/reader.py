@@ -78,9 +78,13 @@ def read_table(path: str | os.PathLike[str]) -> pa.Table:
 def _upgrade(table: pa.Table, name: str) -> pa.Table:
     """Give a schema-1 table the schema-2 core columns (``training_iteration``, ``event_seq``)."""
     if "event_seq" not in table.column_names:
-        table = table.append_column(pa.field("event_seq", pa.int64()), pa.array(range(table.num_rows), pa.int64()))
+        table = table.append_column(
+            pa.field("event_seq", pa.int64()), pa.array(range(table.num_rows), pa.int64())
+        )
     if name == "metrics" and "training_iteration" not in table.column_names:
-        table = table.append_column(pa.field("training_iteration", pa.int64()), pa.nulls(table.num_rows, pa.int64()))
+        table = table.append_column(
+            pa.field("training_iteration", pa.int64()), pa.nulls(table.num_rows, pa.int64())
+        )
     return table
 
 
@@ -131,7 +135,9 @@ def deduplicate(table: pa.Table, key: tuple[str, ...], sort: bool) -> pa.Table:
     for i, k in enumerate(zip(*cols, strict=True)):
         last[k] = i
         first.setdefault(k, i)
-    keys = sorted(last, key=lambda k: tuple((v is None, v) for v in k)) if sort else sorted(last, key=first.get)
+    keys = (
+        sorted(last, key=lambda k: tuple((v is None, v) for v in k)) if sort else sorted(last, key=first.get)
+    )
     return table.take(pa.array([last[k] for k in keys], pa.int64()))
 
 

@@ -138,7 +138,9 @@ def normalize_param_types(param_types: Mapping[str, str]) -> dict[str, str]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"parameter names must be non-empty strings, got {name!r}")
         if kind not in PARAM_ARROW_TYPES:
-            raise ValueError(f"parameter {name!r} has type {kind!r}; expected one of {sorted(PARAM_ARROW_TYPES)}")
+            raise ValueError(
+                f"parameter {name!r} has type {kind!r}; expected one of {sorted(PARAM_ARROW_TYPES)}"
+            )
         out[name] = kind
     return out
 

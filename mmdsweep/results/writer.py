@@ -287,7 +287,9 @@ class ResultsWriter:
         if not sweep_id:
             raise ValueError("sweep_id must be a non-empty string")
         if flush_every < 1 or not flush_seconds > 0:
-            raise ValueError(f"flush_every must be >= 1 and flush_seconds > 0, got {flush_every}, {flush_seconds}")
+            raise ValueError(
+                f"flush_every must be >= 1 and flush_seconds > 0, got {flush_every}, {flush_seconds}"
+            )
         self.out_dir = Path(out_dir)
         self.sweep_id = sweep_id
         self.experiment_name = experiment_name
@@ -343,7 +345,9 @@ class ResultsWriter:
                     raise ValueError(f"{path} belongs to sweep {found!r}, not {self.sweep_id!r}")
                 if META_COMPACTED_THROUGH in md:
                     self._seq = max(self._seq, int(md[META_COMPACTED_THROUGH].decode()))
-                last = int(md[META_LAST_EVENT_SEQ].decode()) if META_LAST_EVENT_SEQ in md else meta.num_rows - 1
+                last = (
+                    int(md[META_LAST_EVENT_SEQ].decode()) if META_LAST_EVENT_SEQ in md else meta.num_rows - 1
+                )
                 self._event_seq = max(self._event_seq, last + 1)
                 if table == "metrics" and (newest_metrics is None or path != compacted):
                     newest_metrics = meta.schema.to_arrow_schema()
@@ -370,7 +374,9 @@ class ResultsWriter:
             metrics, trials = _read_wal(path)
             for row in metrics + trials:
                 if row.get("sweep_id") != self.sweep_id:
-                    raise ValueError(f"{path} belongs to sweep {row.get('sweep_id')!r}, not {self.sweep_id!r}")
+                    raise ValueError(
+                        f"{path} belongs to sweep {row.get('sweep_id')!r}, not {self.sweep_id!r}"
+                    )
                 self._event_seq = max(self._event_seq, int(row["event_seq"]) + 1)
             present = {t: any(s == seq for s, _ in files.list_parts(self.out_dir, t)) for t in files.TABLES}
             if metrics and not present["metrics"]:
@@ -413,7 +419,9 @@ class ResultsWriter:
                 row.status, row.updated_at = STATUS_RUNNING, utcnow()
             self._log(None, row)
 
-    def trial_result(self, trial_id: str, config: Mapping[str, Any] | None, result: Mapping[str, Any]) -> None:
+    def trial_result(
+        self, trial_id: str, config: Mapping[str, Any] | None, result: Mapping[str, Any]
+    ) -> None:
         """One report: a metrics row (every metric its own column) and the trial's row updated.
 
         A report carrying ``resumed_report`` (the report its run resumed from, which a killed
@@ -502,7 +510,8 @@ class ResultsWriter:
         if self._wal is None:
             wal_dir = self.out_dir / files.WAL_DIR
             wal_dir.mkdir(exist_ok=True)
-            self._wal = open(wal_dir / f"wal-{self._seq + 1:09d}-{self._token}.jsonl", "a", encoding="utf-8")
+            path = wal_dir / f"wal-{self._seq + 1:09d}-{self._token}.jsonl"
+            self._wal = open(path, "a", encoding="utf-8")  # noqa: SIM115  (kept open across events)
         self._wal.write(text)
         self._wal.flush()
         if self.wal_fsync:

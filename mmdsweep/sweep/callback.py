@@ -102,7 +102,9 @@ class ParquetResultsCallback(Callback):
 
     # ---- Tune hooks --------------------------------------------------------
 
-    def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None, **info: Any) -> None:
+    def setup(
+        self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None, **info: Any
+    ) -> None:
         """Before the first trial: flush on SIGTERM and at exit from now on."""
         self.writer.install_shutdown_hooks()
 
@@ -113,7 +115,9 @@ class ParquetResultsCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.writer.trial_started(trial.trial_id, trial.config)
 
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
         self.writer.trial_result(trial.trial_id, trial.config, result)
 
     def on_checkpoint(
