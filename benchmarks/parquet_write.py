@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 OLD_COMMIT = "fdf2ea0"
 
 
-class FakeTrial:
+class FakeTrial:  # passed where Tune passes a Trial (typed Any at the call sites)
     """Just enough of ``ray.tune.experiment.Trial`` for the callback's hooks."""
 
     def __init__(self, trial_id: str, config: dict[str, Any]) -> None:
@@ -93,7 +93,9 @@ def run_new(
         stamps: list[tuple[float, float]] = [(time.perf_counter(), time.process_time())]
         n = 0
         for wave in range(0, trials, concurrency):
-            group = [FakeTrial(f"t{i:05d}", config(i)) for i in range(wave, min(wave + concurrency, trials))]
+            group: list[Any] = [
+                FakeTrial(f"t{i:05d}", config(i)) for i in range(wave, min(wave + concurrency, trials))
+            ]
             for t in group:
                 cb.on_trial_start(0, [], t)
             for step in range(1, reports + 1):
@@ -110,10 +112,11 @@ def run_new(
         compaction = time.perf_counter() - t0
         assert R.read_results_table(tmp, "metrics").num_rows == n, "rows lost"
         parts = len(R.list_parts(tmp, "metrics")) + len(R.list_parts(tmp, "trials"))
-    per_event = {}
+    per_event: dict[int, tuple[float, float]] = {}
     for mark in marks:
         lo, hi = max(0, mark - 1000), min(mark, n)
-        per_event[mark] = tuple((stamps[hi][k] - stamps[lo][k]) / (hi - lo) * 1e6 for k in (0, 1))  # type: ignore[assignment]
+        wall, cpu = ((stamps[hi][k] - stamps[lo][k]) / (hi - lo) * 1e6 for k in (0, 1))
+        per_event[mark] = (wall, cpu)
     return per_event, compaction, parts
 
 

@@ -136,7 +136,9 @@ def deduplicate(table: pa.Table, key: tuple[str, ...], sort: bool) -> pa.Table:
         last[k] = i
         first.setdefault(k, i)
     keys = (
-        sorted(last, key=lambda k: tuple((v is None, v) for v in k)) if sort else sorted(last, key=first.get)
+        sorted(last, key=lambda k: tuple((v is None, v) for v in k))
+        if sort
+        else sorted(last, key=lambda k: first[k])
     )
     return table.take(pa.array([last[k] for k in keys], pa.int64()))
 

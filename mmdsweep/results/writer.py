@@ -574,7 +574,7 @@ class ResultsWriter:
 
     # ---- tables ---------------------------------------------------------------
 
-    def _meta(self, table: str, **extra: str | int) -> dict[bytes, bytes]:
+    def _meta(self, table: str, **extra: Any) -> dict[bytes, bytes]:
         return file_metadata(table, self.sweep_id, self.experiment_name, self.param_types, **extra)
 
     def _metrics_table(self, rows: list[dict[str, Any]]) -> pa.Table:

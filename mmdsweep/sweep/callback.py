@@ -49,7 +49,7 @@ class ParquetResultsCallback(Callback):
         flush_every: int = 1000,
         flush_seconds: float = 10.0,
     ) -> None:
-        self._config = {
+        self._config: dict[str, Any] = {
             "out_dir": str(out_dir),
             "sweep_id": sweep_id,
             "param_types": dict(param_types),
@@ -60,7 +60,7 @@ class ParquetResultsCallback(Callback):
         self._open()
 
     def _open(self) -> None:
-        c = self._config
+        c: dict[str, Any] = self._config
         self.writer = ResultsWriter(
             c["out_dir"],
             c["sweep_id"],
