@@ -163,8 +163,13 @@ def test_readers_never_fail_while_a_writer_flushes_fast(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readers_never_fail_during_a_real_sweep(tiny_root: Path, tmp_path: Path) -> None:
+def test_readers_never_fail_during_a_real_sweep(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real two-trial sweep through the CLI (Ray Train in Ray Tune), read in a loop throughout."""
+    monkeypatch.setenv(
+        "MMDSWEEP_RESULTS_FLUSH_SECONDS", "0.5"
+    )  # parts while trials run, not only at their end
     p = sweep_yaml(
         tiny_root,
         tmp_path,
@@ -190,3 +195,4 @@ def test_readers_never_fail_during_a_real_sweep(tiny_root: Path, tmp_path: Path)
         assert seen and seen[-1] == (2 if "trials" in name else len(metrics)), (name, seen[-3:])
     live = [n for n in counts["polars metrics/*.parquet"] if n < len(metrics)]
     print(f"reads per reader: { {k: len(v) for k, v in counts.items()} }; partial views seen: {len(live)}")
+    assert len(set(live)) >= 2, counts["polars metrics/*.parquet"]  # it saw the table grow mid-sweep

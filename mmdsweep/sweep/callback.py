@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
 
+FLUSH_SECONDS_ENV = "MMDSWEEP_RESULTS_FLUSH_SECONDS"
+"""Environment variable: default ``flush_seconds`` of the callback (10 when unset)."""
+
+
 class ParquetResultsCallback(Callback):
     """Tune callback keeping the sweep's ``trials``/``metrics`` Parquet tables current.
 
@@ -32,7 +36,8 @@ class ParquetResultsCallback(Callback):
         sweep_id: identifier stored in every row and in the file metadata.
         param_types: searched parameters, ``{dotted name: "float"|"int"|"str"}``.
         experiment_name: Tune experiment name, stored in the file metadata.
-        flush_every, flush_seconds: batching of the part files (see ``ResultsWriter``).
+        flush_every, flush_seconds: batching of the part files (see ``ResultsWriter``);
+            ``flush_seconds`` defaults to ``$MMDSWEEP_RESULTS_FLUSH_SECONDS`` or 10.
 
     Tune pickles callbacks into ``tuner.pkl``; ``Tuner.restore`` unpickles them without calling
     ``__init__``. Only the configuration is pickled; unpickling reopens the directory, which
@@ -47,8 +52,10 @@ class ParquetResultsCallback(Callback):
         experiment_name: str,
         *,
         flush_every: int = 1000,
-        flush_seconds: float = 10.0,
+        flush_seconds: float | None = None,
     ) -> None:
+        if flush_seconds is None:  # an operator's knob: fresher parts for a live dashboard
+            flush_seconds = float(os.environ.get(FLUSH_SECONDS_ENV, "10"))
         self._config: dict[str, Any] = {
             "out_dir": str(out_dir),
             "sweep_id": sweep_id,
