@@ -3,7 +3,7 @@
 Drives ``mmdsweep.sweep.callback.ParquetResultsCallback`` through its Tune hooks with fake trial
 objects (no Ray cluster): 1,000 trials of 100 reports each (100,000 report rows), 10 trials
 running at a time (start, 100 interleaved reports, completion), and the sweep's end (flush +
-compaction). Reports carry 16 metrics, like the fine-tuning loop's (fid@<space>, world_size, ...).
+compaction). Reports carry 18 metrics, like the fine-tuning loop's (fid@<space>, world_size, ...).
 
 The first release's callback (``mmdsweep/results/__init__.py`` at commit fdf2ea0, read from git
 history) rewrote ``trials.parquet`` and ``metrics.parquet`` whole after every event, so one event
@@ -82,7 +82,7 @@ PARAM_TYPES = {"finetune.lr": "float", "sampler.timesteps": "int", "kernel.type"
 
 def run_new(
     events: int, trials: int, concurrency: int, marks: list[int]
-) -> tuple[dict[int, tuple[float, float]], float, int]:
+) -> tuple[dict[int, tuple[float, float]], tuple[float, float], int]:
     """Per-event (wall, CPU) microseconds in the 1,000 events before each mark; compaction s; parts."""
     from mmdsweep import results as R
     from mmdsweep.sweep.callback import ParquetResultsCallback
@@ -107,9 +107,9 @@ def run_new(
             for t in group:
                 cb.on_trial_complete(0, [], t)
             stamps[-1] = (time.perf_counter(), time.process_time())  # completions count toward the last event
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cb.on_experiment_end([])
-        compaction = time.perf_counter() - t0
+        compaction = (time.perf_counter() - t0, time.process_time() - c0)
         assert R.read_results_table(tmp, "metrics").num_rows == n, "rows lost"
         parts = len(R.list_parts(tmp, "metrics")) + len(R.list_parts(tmp, "trials"))
     per_event: dict[int, tuple[float, float]] = {}
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     marks = [m for m in (1_000, 10_000, 50_000, 100_000) if m <= args.events] or [args.events]
+    uptime = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     t0 = time.perf_counter()
     new, compaction, parts = run_new(args.events, args.trials, args.concurrency, marks)
     total_new = time.perf_counter() - t0
@@ -192,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Results callback: cost per Tune event (`benchmarks/parquet_write.py`)",
         "",
         f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}. {args.trials:,} trials x {max(1, args.events // args.trials)} reports "
-        f"({args.events:,} report rows, 20 metrics each), {args.concurrency} trials at a time, through "
+        f"{time.strftime('%Y-%m-%d')}, load average {uptime} at the start. {args.trials:,} trials x {max(1, args.events // args.trials)} reports "
+        f"({args.events:,} report rows, 18 metrics each), {args.concurrency} trials at a time, through "
         "`ParquetResultsCallback`'s hooks with fake trials (no Ray cluster).",
         "",
         *rows,
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "and for fsync (on a shared machine it mostly measures the other load).",
         f"- new, max/min of the per-event CPU cost over the run: {flat:.2f} (flat); whole run "
         f"{total_new:.1f} s; {parts} part files.",
-        f"- compaction at the sweep's end (all parts -> `trials.parquet` + `metrics.parquet`): {compaction:.2f} s.",
+        f"- compaction at the sweep's end (all parts -> `trials.parquet` + `metrics.parquet`): "
+        f"{compaction[1]:.2f} s CPU, {compaction[0]:.2f} s wall.",
         f"- median old/new ratio over the common sizes: "
         f"{statistics.median([old[m][1] / new[m][1] for m in old if m in new]) if any(m in new for m in old) else float('nan'):.0f}x (CPU).",
         "",
