@@ -189,8 +189,8 @@ def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
 def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
     """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``)."""
     from mmdsweep.assets import components as comp
-    from mmdsweep.results import ParquetResultsCallback
     from mmdsweep.sweep import raytrain, search
+    from mmdsweep.sweep.callback import ParquetResultsCallback
 
     params = validate_sweep(exp)
     comp.preflight(exp)

@@ -1,4 +1,8 @@
-"""Tests of the Parquet results layer (mmdsweep.results) against a real Ray Tune run."""
+"""Tests of the Parquet results layer: append-only parts, open schema 2, readers, resume, schema 1.
+
+The callback (``mmdsweep.sweep.callback``) is driven by a real Ray Tune run of toy trials and,
+for the unit tests, by direct hook calls with fake trials.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from mmdsweep import results as R
+from mmdsweep.sweep.callback import ParquetResultsCallback
 
 # The trainable and searcher live in this module, which Ray workers cannot import.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -113,6 +118,10 @@ def report_dict(step: int, fid: float, status: str, **extra: Any) -> dict[str, A
         "timesteps": 5,
         "num_eval_samples": 64,
         "status": status,
+        "fid@torchvision:mobilenet_v2": 2 * fid,  # an extra evaluation space
+        "world_size": 2,
+        "num_nodes": 1,
+        "finite": status != "diverged",
         **extra,
     }
 
@@ -168,7 +177,7 @@ class EventRecorder(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.events.append(("complete", self._fake(trial), None))
 
-    def replay(self, callback: R.ParquetResultsCallback) -> None:
+    def replay(self, callback: ParquetResultsCallback) -> None:
         """Feed every recorded event to ``callback`` as Tune would."""
         callback.setup()
         for kind, trial, payload in self.events:
@@ -187,9 +196,9 @@ class EventRecorder(tune.Callback):
 
 def run_sweep(
     storage: Path, out_dir: Path, *extra_callbacks: tune.Callback
-) -> tuple[R.ParquetResultsCallback, tune.ResultGrid]:
+) -> tuple[ParquetResultsCallback, tune.ResultGrid]:
     """Run the four toy trials through Tune with the Parquet callback."""
-    callback = R.ParquetResultsCallback(out_dir, SWEEP_ID, PARAM_TYPES, EXPERIMENT)
+    callback = ParquetResultsCallback(out_dir, SWEEP_ID, PARAM_TYPES, EXPERIMENT)
     tuner = tune.Tuner(
         tune.with_resources(toy_trainable, {"cpu": 1}),
         tune_config=tune.TuneConfig(search_alg=FixedConfigs(CONFIGS), num_samples=len(CONFIGS)),
@@ -229,7 +238,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails(
         where.write(b"PAR1 partial garbage")
         raise OSError("disk full")
 
-    monkeypatch.setattr(R.pq, "write_table", failing_write)
+    monkeypatch.setattr(pq, "write_table", failing_write)
     with pytest.raises(OSError, match="disk full"):
         R.atomic_write_table(pa.table({"x": [9]}), path)
     monkeypatch.undo()
@@ -322,12 +331,30 @@ def test_metrics_have_one_row_per_report(sweep: dict[str, Any]) -> None:
     assert str(metrics["time"].dtype) == "datetime64[us, UTC]"
 
 
+def test_every_reported_metric_reaches_metrics_parquet_typed(sweep: dict[str, Any]) -> None:
+    """Schema 1 dropped fid@<space>, world_size, num_nodes and status; schema 2 keeps every metric."""
+    path = R.results_paths(sweep["out_dir"]).metrics
+    schema = pq.read_schema(path)
+    assert schema.names[: len(R.METRICS_CORE_SCHEMA)] == R.METRICS_CORE_SCHEMA.names
+    types = {f.name: f.type for f in schema}
+    assert types["fid@torchvision:mobilenet_v2"] == pa.float64()
+    assert types["world_size"] == pa.int64() and types["num_nodes"] == pa.int64()
+    assert types["status"] == pa.string() and types["finite"] == pa.bool_()
+    assert types["checkpoint_path"] == pa.string()  # reported by one trial only
+    assert types["training_iteration"] == pa.int64() and types["hostname"] == pa.string()  # Tune's own
+    assert "config" not in types and not any(n.startswith("config/") for n in types)
+    metrics = R.read_metrics(sweep["out_dir"])
+    metrics["mode"] = metrics["trial_id"].map(sweep["modes"])
+    complete = metrics[metrics["mode"] == "complete"].set_index("step")
+    assert complete["fid@torchvision:mobilenet_v2"].to_dict() == {1: 100.0, 2: 60.0, 3: 80.0}
+    assert list(complete["status"]) == ["running", "running", "completed"]
+    assert (metrics["world_size"] == 2).all()
+    assert complete["training_iteration"].tolist() == [1, 2, 3]
+
+
 def test_files_readable_by_pyarrow_dataset_and_duckdb(sweep: dict[str, Any]) -> None:
     paths = R.results_paths(sweep["out_dir"])
-    schema = pq.read_schema(paths.metrics)
-    assert schema.remove_metadata().equals(R.METRICS_SCHEMA)
     assert pads.dataset(paths.metrics).count_rows() == sum(EXPECTED_REPORTS.values())
-
     per_trial = sql(
         f"select trial_id, count(*) as n, max(step) as last from '{paths.metrics}' group by trial_id"
     ).fetchall()
@@ -339,15 +366,24 @@ def test_files_readable_by_pyarrow_dataset_and_duckdb(sweep: dict[str, Any]) -> 
             join '{paths.metrics}' m using (trial_id) group by 1 order by 1"""
     ).fetchall()
     assert joined == [("poly", 56.0), ("rbf", 30.0)]
+    # the parts a running sweep leaves, read directly: same rows after deduplication
+    parts = f"{sweep['out_dir']}/metrics/*.parquet"
+    n = sql(
+        f"""select count(*) from (select * from read_parquet('{parts}', union_by_name=true)
+            qualify row_number() over (partition by trial_id, step order by event_seq desc) = 1)"""
+    ).fetchall()[0][0]
+    assert n == sum(EXPECTED_REPORTS.values())
 
 
 def test_metadata_records_version_sweep_and_experiment(sweep: dict[str, Any]) -> None:
     for name, path in R.results_paths(sweep["out_dir"])._asdict().items():
         meta = pq.read_schema(path).metadata
-        assert meta[R.META_SCHEMA_VERSION] == R.SCHEMA_VERSION.encode()
+        assert meta[R.META_SCHEMA_VERSION] == b"2" == R.SCHEMA_VERSION.encode()
         assert meta[R.META_SWEEP_ID] == SWEEP_ID.encode()
         assert meta[R.META_EXPERIMENT_NAME] == EXPERIMENT.encode()
         assert meta[R.META_TABLE] == name.encode()
+        last_part = R.list_parts(sweep["out_dir"], name)[-1][0]
+        assert int(meta[R.META_COMPACTED_THROUGH]) == last_part
         assert R.schema_version(path) == R.SCHEMA_VERSION
 
 
@@ -362,22 +398,27 @@ def test_replaying_the_same_trials_into_a_new_callback_adds_nothing(
     before_trials, before_metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
     assert len(sweep["recorder"].events) > len(before_metrics)
 
-    sweep["recorder"].replay(R.ParquetResultsCallback(out_dir, SWEEP_ID, PARAM_TYPES, EXPERIMENT))
+    sweep["recorder"].replay(ParquetResultsCallback(out_dir, SWEEP_ID, PARAM_TYPES, EXPERIMENT))
 
     after_trials, after_metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
     assert len(after_trials) == len(CONFIGS) and after_trials["trial_id"].is_unique
     assert len(after_metrics) == len(before_metrics)
     assert not after_metrics.duplicated(["trial_id", "step"]).any()
-    stable = [c for c in before_trials.columns if c not in ("updated_at",)]
+    stable = [c for c in before_trials.columns if c not in ("updated_at", "event_seq")]
     pd.testing.assert_frame_equal(before_trials[stable], after_trials[stable])
-    pd.testing.assert_frame_equal(before_metrics.drop(columns="time"), after_metrics.drop(columns="time"))
+    volatile = ["time", "event_seq", "training_iteration"]
+    pd.testing.assert_frame_equal(before_metrics.drop(columns=volatile), after_metrics.drop(columns=volatile))
+    # the redelivered rows are on disk twice; the reader shows each report once, the later copy
+    raw = pq.read_table(out_dir / "metrics").num_rows
+    assert raw == 2 * len(before_metrics)
+    assert (after_metrics["event_seq"] > before_metrics["event_seq"].max()).all()
 
 
 def test_tuner_restore_resumes_callback_from_its_files(sweep: dict[str, Any]) -> None:
-    """Real resume: Tuner.restore unpickles the callback from tuner.pkl; it reloads the files.
+    """Real resume: Tuner.restore unpickles the callback from tuner.pkl; it reopens the directory.
 
-    The errored trial runs again from scratch (no checkpoint), re-reports steps
-    1 and 2 and fails again; everything else must stay as it was.
+    The errored trial runs again from scratch (no checkpoint), re-reports steps 1 and 2 and fails
+    again: those reports are delivered twice and must appear once; nothing else changes.
     """
     out_dir = sweep["out_dir"]
     before_trials, before_metrics = R.read_trials(out_dir), R.read_metrics(out_dir)
@@ -396,6 +437,9 @@ def test_tuner_restore_resumes_callback_from_its_files(sweep: dict[str, Any]) ->
     earlier = before_trials.set_index("trial_id").loc[errored["trial_id"]]
     assert errored["updated_at"] > earlier["updated_at"]  # it really ran again
     assert errored["error"] == "ValueError: boom at step 2"
+    rerun = metrics[metrics["trial_id"] == errored["trial_id"]]
+    assert list(rerun["step"]) == [1, 2]
+    assert (rerun["event_seq"] > before_metrics["event_seq"].max()).all()  # the later copy won
 
 
 def sql(query: str) -> Any:
@@ -404,10 +448,10 @@ def sql(query: str) -> Any:
 
 
 def _copy_results(src: Path, dst: Path) -> Path:
-    """Copy a results directory's two files to ``dst``."""
-    dst.mkdir(parents=True)
-    for path in R.results_paths(src):
-        (dst / path.name).write_bytes(path.read_bytes())
+    """Copy a results directory (compacted files and parts) to ``dst``."""
+    import shutil
+
+    shutil.copytree(src, dst)
     return dst
 
 
@@ -433,11 +477,25 @@ class _FakeTrial:
         return "Failure # 1 (occurred at now)\nTraceback...\nRuntimeError: replayed"
 
 
+def callback(out: Path, sweep_id: str = "s", params: dict[str, str] | None = None, **kw: Any) -> Any:
+    """A callback on ``out`` that never flushes on its own (unless told)."""
+    kw.setdefault("flush_every", 10**6)
+    kw.setdefault("flush_seconds", 10**6)
+    return ParquetResultsCallback(out, sweep_id, params if params is not None else {"a": "float"}, "e", **kw)
+
+
+def n_rows(out: Path, table: str = "metrics") -> int:
+    try:
+        return R.read_results_table(out, table).num_rows
+    except FileNotFoundError:
+        return 0
+
+
 # --------------------------------------------------------------------------- units without Ray
 
 
 def test_status_rules_and_checkpoint_attribution(tmp_path: Path) -> None:
-    cb = R.ParquetResultsCallback(tmp_path, "s", {"kernel.type": "str"}, "e")
+    cb = callback(tmp_path, params={"kernel.type": "str"})
     stopped, done, diverged = fake_trial("a"), fake_trial("b"), fake_trial("c")
     (tmp_path / "ck1").mkdir()
     (tmp_path / "ck2").mkdir()
@@ -460,7 +518,7 @@ def test_status_rules_and_checkpoint_attribution(tmp_path: Path) -> None:
 
 
 def test_recover_records_error_but_keeps_running(tmp_path: Path) -> None:
-    cb = R.ParquetResultsCallback(tmp_path, "s", {}, "e")
+    cb = callback(tmp_path, params={})
     trial = fake_trial("a")
     cb.on_trial_result(0, [], trial, report_dict(1, 10.0, "running"))
     cb.on_trial_recover(0, [], trial)
@@ -469,36 +527,40 @@ def test_recover_records_error_but_keeps_running(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_other_sweep_and_keeps_old_param_columns(tmp_path: Path) -> None:
-    cb = R.ParquetResultsCallback(tmp_path, "s1", {"a": "int", "b": "str"}, "e")
+    cb = callback(tmp_path, "s1", {"a": "int", "b": "str"})
     cb.on_trial_result(0, [], fake_trial("t", {"a": 3, "b": "x"}), report_dict(1, 1.0, "running"))
+    cb.flush()
     with pytest.raises(ValueError, match="belongs to sweep 's1'"):
-        R.ParquetResultsCallback(tmp_path, "s2", {"a": "int"}, "e")
+        callback(tmp_path, "s2", {"a": "int"})
     with pytest.raises(ValueError, match="was 'int'"):
-        R.ParquetResultsCallback(tmp_path, "s1", {"a": "float"}, "e")
-    resumed = R.ParquetResultsCallback(tmp_path, "s1", {"a": "int"}, "e")
-    resumed.flush(force=True)
+        callback(tmp_path, "s1", {"a": "float"})
+    resumed = callback(tmp_path, "s1", {"a": "int"})
+    resumed.on_trial_start(0, [], fake_trial("t"))
+    resumed.flush()
     row = R.read_trials(tmp_path).iloc[0]
     assert row["param.a"] == 3 and row["param.b"] == "x"
 
 
 def test_callback_pickles_config_only_and_reloads(tmp_path: Path) -> None:
-    cb = R.ParquetResultsCallback(tmp_path, "s", {"a": "float"}, "e")
+    cb = callback(tmp_path)
     for step in range(1, 6):
         cb.on_trial_result(0, [], fake_trial("t", {"a": 0.5}), report_dict(step, 1.0, "running"))
+    cb.flush()
     blob = pickle.dumps(cb)
     assert len(blob) < 2000  # rows are not pickled, only the configuration
     clone = pickle.loads(blob)
-    assert clone.metrics_table().num_rows == 5 and clone.trials_table().num_rows == 1
+    assert clone.writer.trial_rows()["t"].steps == 5
+    assert n_rows(tmp_path) == 5
 
 
 def test_schema_version_refuses_newer_major_and_foreign_files(tmp_path: Path) -> None:
     newer = tmp_path / "newer.parquet"
-    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({R.META_SCHEMA_VERSION: b"2.0"}), newer)
-    with pytest.raises(R.SchemaVersionError, match="schema 2.0"):
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({R.META_SCHEMA_VERSION: b"3.0"}), newer)
+    with pytest.raises(R.SchemaVersionError, match="schema 3.0"):
         R.schema_version(newer)
     minor = tmp_path / "minor.parquet"
-    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({R.META_SCHEMA_VERSION: b"1.3"}), minor)
-    assert R.schema_version(minor) == "1.3"
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({R.META_SCHEMA_VERSION: b"2.3"}), minor)
+    assert R.schema_version(minor) == "2.3"
     foreign = tmp_path / "foreign.parquet"
     pq.write_table(pa.table({"x": [1]}), foreign)
     with pytest.raises(R.SchemaVersionError, match="no mmdsweep.schema_version"):
@@ -530,16 +592,265 @@ def test_param_types_validation_and_inference() -> None:
     }
 
 
-def test_writes_stay_fast_for_thousands_of_rows(tmp_path: Path) -> None:
-    cb = R.ParquetResultsCallback(tmp_path, "s", {"a": "float"}, "e")
-    trials = [fake_trial(f"t{i}", {"a": float(i)}) for i in range(20)]
-    for step in range(1, 150):
+# --------------------------------------------------------------------------- append-only parts
+
+
+def test_results_package_imports_neither_ray_nor_torch() -> None:
+    import subprocess
+
+    code = "import sys, mmdsweep.results; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_writes_append_parts_and_never_rewrite(tmp_path: Path) -> None:
+    """The old callback rewrote both files whole after every event; parts are written once."""
+    cb = callback(tmp_path, flush_every=10)
+    trials = [fake_trial(f"t{i}", {"a": float(i)}) for i in range(5)]
+    seen: dict[Path, tuple[int, int]] = {}
+    for step in range(1, 21):
         for trial in trials:
-            row = R._metrics_row("s", trial.trial_id, step, report_dict(step, 1.0, "running"), R._utcnow())
-            cb._metrics.upsert(row)
-    start = time.perf_counter()
-    for _ in range(5):
-        cb.on_trial_result(0, [], trials[0], report_dict(500, 1.0, "running"))
-    per_write = (time.perf_counter() - start) / 5
-    assert cb.metrics_table().num_rows == 20 * 149 + 1
-    assert per_write < 0.5, f"{per_write:.3f}s per rewrite of ~3000 rows"
+            cb.on_trial_result(0, [], trial, report_dict(step, 1.0, "running"))
+        for _, path in R.list_parts(tmp_path, "metrics"):
+            stat = path.stat()
+            assert seen.setdefault(path, (stat.st_ino, stat.st_mtime_ns)) == (stat.st_ino, stat.st_mtime_ns)
+    assert len(R.list_parts(tmp_path, "metrics")) == 10  # 100 events, a part per 10
+    assert not R.results_paths(tmp_path).metrics.exists()  # compacted only when the sweep ends
+    assert n_rows(tmp_path) == 100
+    cb.on_experiment_end([])
+    compacted = pq.read_table(R.results_paths(tmp_path).metrics)
+    assert compacted.num_rows == 100
+    assert compacted.column("trial_id").to_pylist() == sorted(compacted.column("trial_id").to_pylist())
+
+
+def test_flush_every_n_events_or_t_seconds(tmp_path: Path) -> None:
+    now = [0.0]
+    cb = callback(tmp_path, flush_every=3, flush_seconds=5.0)
+    cb.writer._clock = lambda: now[0]
+    t = fake_trial("t")
+    cb.on_trial_result(0, [], t, report_dict(1, 1.0, "running"))
+    cb.on_trial_result(0, [], t, report_dict(2, 1.0, "running"))
+    assert n_rows(tmp_path) == 0
+    cb.on_trial_result(0, [], t, report_dict(3, 1.0, "running"))
+    assert n_rows(tmp_path) == 3  # N events
+    cb.on_trial_result(0, [], t, report_dict(4, 1.0, "running"))
+    now[0] = 4.9
+    cb.on_step_end(0, [])
+    assert n_rows(tmp_path) == 3
+    now[0] = 5.1
+    cb.on_step_end(0, [])  # T seconds, without a new event
+    assert n_rows(tmp_path) == 4
+
+
+def test_event_between_flushes_reaches_disk_at_trial_end_and_experiment_end(tmp_path: Path) -> None:
+    cb = callback(tmp_path)
+    a, b = fake_trial("a"), fake_trial("b")
+    cb.on_trial_result(0, [], a, report_dict(1, 1.0, "running"))
+    cb.on_trial_result(0, [], b, report_dict(1, 1.0, "running"))
+    assert n_rows(tmp_path) == 0
+    cb.on_trial_complete(0, [], a)
+    assert n_rows(tmp_path) == 2  # everything buffered, not only trial a's
+    cb.on_trial_result(0, [], b, report_dict(2, 1.0, "running"))
+    cb.on_experiment_end([])
+    assert pq.read_table(R.results_paths(tmp_path).metrics).num_rows == 3
+
+
+_CHILD = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from mmdsweep.results import ResultsWriter
+w = ResultsWriter({out!r}, "s", {{}}, "e", flush_every=10**6, flush_seconds=10**6)
+w.install_shutdown_hooks()
+for step in range(1, 4):
+    w.trial_result("t", {{}}, {{"step": step, "loss": 0.5}})
+print("ready", flush=True)
+mode = {mode!r}
+if mode == "exit":
+    sys.exit(0)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", ["sigterm", "exit", "sigkill"])
+def test_buffered_events_survive_driver_shutdown(tmp_path: Path, mode: str) -> None:
+    """SIGTERM and a normal exit flush; after SIGKILL the next writer recovers the write-ahead log."""
+    import signal
+    import subprocess
+
+    out = tmp_path / "res"
+    code = _CHILD.format(root=str(Path(__file__).resolve().parents[1]), out=str(out), mode=mode)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    if mode != "exit":
+        proc.send_signal(signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
+    proc.wait(timeout=30)
+    if mode == "sigkill":
+        assert n_rows(out) == 0 and list((out / ".results-wal").glob("wal-*.jsonl"))
+        R.ResultsWriter(out, "s", {}, "e")  # what a resumed sweep does first
+        assert not list((out / ".results-wal").glob("wal-*.jsonl"))
+    else:
+        assert proc.returncode == (0 if mode == "exit" else -signal.SIGTERM)
+    metrics = R.read_metrics(out)
+    assert metrics["step"].tolist() == [1, 2, 3] and (metrics["loss"] == 0.5).all()
+
+
+def test_redelivered_report_after_restore_appears_once_with_the_later_values(tmp_path: Path) -> None:
+    cb = callback(tmp_path)
+    t = fake_trial("t")
+    for step in (1, 2, 3):
+        cb.on_trial_result(
+            0, [], t, {**report_dict(step, 10.0 + step, "running"), "training_iteration": step}
+        )
+    cb.flush()
+    restored = pickle.loads(pickle.dumps(cb))  # what Tuner.restore does
+    # Tune restored the trial from its iteration-1 checkpoint: steps 2 and 3 come again
+    for step in (2, 3, 4):
+        restored.on_trial_result(
+            0, [], t, {**report_dict(step, 20.0 + step, "running"), "training_iteration": step}
+        )
+    restored.on_experiment_end([])
+    metrics = R.read_metrics(tmp_path).set_index("step")
+    assert metrics.index.tolist() == [1, 2, 3, 4]
+    assert metrics["fid"].tolist() == [11.0, 22.0, 23.0, 24.0]
+    assert metrics["event_seq"].is_monotonic_increasing
+
+
+def test_dedup_key_is_the_step_not_tunes_renumbered_iteration(tmp_path: Path) -> None:
+    """After a restore Tune numbers iterations from its checkpoint while Train resumes from a later
+    one: iteration 2 was step 4 before the restore and is step 6 after it. Both reports stay."""
+    cb = callback(tmp_path)
+    t = fake_trial("t")
+    cb.on_trial_result(0, [], t, {**report_dict(2, 5.0, "running"), "training_iteration": 1})
+    cb.on_trial_result(0, [], t, {**report_dict(4, 4.0, "running"), "training_iteration": 2})
+    cb.flush()
+    restored = pickle.loads(pickle.dumps(cb))
+    restored.on_trial_result(0, [], t, {**report_dict(6, 3.0, "completed"), "training_iteration": 2})
+    restored.on_experiment_end([])
+    metrics = R.read_metrics(tmp_path)
+    assert metrics["step"].tolist() == [2, 4, 6]
+    assert metrics["training_iteration"].tolist() == [1, 2, 2]
+
+
+def test_report_carried_after_resume_is_written_as_its_own_row(tmp_path: Path) -> None:
+    """Fault 6: the driver died after the run's step-4 checkpoint but before Tune saw the step-4
+    report; the resumed run carries that report (``resumed_report``) with its next one."""
+    cb = callback(tmp_path)
+    t = fake_trial("t")
+    cb.on_trial_result(0, [], t, {**report_dict(2, 5.0, "running"), "training_iteration": 1})
+    cb.flush()
+    restored = pickle.loads(pickle.dumps(cb))
+    step4 = report_dict(4, 4.0, "running", checkpoint_path="/ckpt/4")
+    restored.on_trial_result(
+        0, [], t, {**report_dict(6, 4.5, "completed"), "training_iteration": 2, "resumed_report": step4}
+    )
+    restored.on_trial_complete(0, [], t)
+    restored.on_experiment_end([])
+    metrics = R.read_metrics(tmp_path).set_index("step")
+    assert metrics.index.tolist() == [2, 4, 6]
+    assert metrics.loc[4, "fid"] == 4.0 and pd.isna(metrics.loc[4, "training_iteration"])
+    assert not any(c.startswith("resumed_report") for c in metrics.columns)
+    trial = R.read_trials(tmp_path).iloc[0]
+    assert trial["best_fid"] == 4.0 and trial["best_step"] == 4 and trial["best_checkpoint"] == "/ckpt/4"
+    assert trial["final_fid"] == 4.5 and trial["status"] == "completed"
+
+
+def test_open_columns_types_and_promotion(tmp_path: Path) -> None:
+    import numpy as np
+
+    cb = callback(tmp_path, flush_every=1)
+    t = fake_trial("t")
+    cb.on_trial_result(
+        0, [], t, {"step": 1, "n": 1, "x": np.float32(0.5), "flag": np.bool_(True), "tags": [1, 2]}
+    )
+    cb.on_trial_result(0, [], t, {"step": 2, "n": 2.5, "late": "yes", "time": "reported"})
+    table = R.read_results_table(tmp_path, "metrics")
+    types = {f.name: f.type for f in table.schema}
+    assert types["n"] == pa.float64() and table.column("n").to_pylist() == [1.0, 2.5]  # int part promoted
+    assert types["x"] == pa.float64() and types["flag"] == pa.bool_()
+    assert table.column("tags").to_pylist() == ["[1, 2]", None]
+    assert table.column("late").to_pylist() == [None, "yes"]
+    assert table.column("reported.time").to_pylist() == [None, "reported"]  # core name kept free
+    assert types["time"] == R.TIMESTAMP_TYPE
+
+
+def test_parts_sort_newest_first_so_glob_readers_see_every_column(tmp_path: Path) -> None:
+    import polars as pl
+
+    cb = callback(tmp_path, flush_every=1)
+    t = fake_trial("t")
+    cb.on_trial_result(0, [], t, {"step": 1, "loss": 1.0})
+    cb.on_trial_result(0, [], t, {"step": 2, "loss": 0.5, "fid@space": 3.0})
+    glob = str(tmp_path / "metrics" / "*.parquet")
+    frame = pl.read_parquet(glob, missing_columns="insert")
+    assert "fid@space" in frame.columns and frame.height == 2
+    assert "fid@space" in pd.read_parquet(tmp_path / "metrics").columns
+    assert len(sql(f"select * from read_parquet('{glob}', union_by_name=true)").fetchall()[0]) == len(
+        frame.columns
+    )
+
+
+def test_temporary_files_are_invisible_to_readers(tmp_path: Path) -> None:
+    import polars as pl
+
+    cb = callback(tmp_path, flush_every=1)
+    cb.on_trial_result(0, [], fake_trial("t"), {"step": 1, "loss": 1.0})
+    (tmp_path / "metrics" / ".part-999999990-deadbeef.parquet.0123.tmp").write_bytes(b"PAR1 torn")
+    glob = str(tmp_path / "metrics" / "*.parquet")
+    assert pl.read_parquet(glob).height == 1
+    assert len(pd.read_parquet(tmp_path / "metrics")) == 1
+    assert sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0] == 1
+    assert n_rows(tmp_path) == 1
+
+
+def test_compaction_keeps_rows_and_readers_merge_newer_parts(tmp_path: Path) -> None:
+    cb = callback(tmp_path, flush_every=2)
+    t = fake_trial("t")
+    for step in range(1, 6):
+        cb.on_trial_result(0, [], t, report_dict(step, float(step), "running"))
+    cb.on_experiment_end([])
+    before = R.read_metrics(tmp_path)
+    assert pq.read_table(tmp_path / "metrics.parquet").num_rows == 5
+    resumed = callback(tmp_path, flush_every=1)  # the sweep is resumed after it was compacted
+    resumed.on_trial_result(0, [], t, report_dict(6, 6.0, "running"))
+    after = R.read_metrics(tmp_path)
+    assert len(after) == 6 and pq.read_table(tmp_path / "metrics.parquet").num_rows == 5
+    pd.testing.assert_frame_equal(after.iloc[:5], before)
+    resumed.on_experiment_end([])
+    assert R.compact(tmp_path, prune=True) == {"trials": 1, "metrics": 6}
+    assert R.list_parts(tmp_path, "metrics") == []
+    assert len(R.read_metrics(tmp_path)) == 6
+
+
+# --------------------------------------------------------------------------- schema 1
+
+V1_DIR = Path(__file__).parent / "data" / "results_v1"
+
+
+def test_schema1_files_written_by_the_first_release_are_read(tmp_path: Path) -> None:
+    assert R.schema_version(V1_DIR / "metrics.parquet") == "1"
+    trials = R.read_trials(V1_DIR).set_index("trial_id")
+    assert trials.loc["a0", "status"] == "completed" and trials.loc["b0", "status"] == "errored"
+    assert trials.loc["a0", "best_fid"] == 30.0 and trials.loc["a0", "param.sampler.timesteps"] == 5
+    metrics = R.read_metrics(V1_DIR)
+    assert len(metrics) == 6 and metrics["step"].tolist() == [2, 4, 6, 2, 4, 6]
+    assert "world_size" not in metrics.columns  # schema 1 dropped it
+    assert metrics["event_seq"].notna().all() and metrics["training_iteration"].isna().all()
+
+
+def test_schema1_sweep_resumes_and_compacts_to_schema2(tmp_path: Path) -> None:
+    out = _copy_results(V1_DIR, tmp_path / "v1")
+    cb = ParquetResultsCallback(out, "sweep-v1", {"finetune.lr": "float"}, "digits_v1")
+    cb.on_trial_result(
+        0,
+        [],
+        fake_trial("c0", {"finetune.lr": 1e-3}),
+        {**report_dict(2, 50.0, "running"), "training_iteration": 1},
+    )
+    cb.on_experiment_end([])
+    assert R.schema_version(out / "metrics.parquet") == "2"
+    metrics = R.read_metrics(out)
+    assert len(metrics) == 7 and metrics["trial_id"].tolist().count("a0") == 3
+    assert metrics.loc[metrics["trial_id"] == "c0", "world_size"].tolist() == [2]
+    trials = R.read_trials(out).set_index("trial_id")
+    assert set(trials.index) == {"a0", "b0", "c0"} and trials.loc["a0", "best_fid"] == 30.0
+    assert trials.loc["a0", "param.sampler.timesteps"] == 5  # a parameter of the first run only

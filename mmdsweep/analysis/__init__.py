@@ -44,9 +44,11 @@ from mmdsweep.results import (
     META_SWEEP_ID,
     METRICS_SCHEMA,
     PARAM_PREFIX,
+    has_results,
     read_metrics,
     read_trials,
     results_paths,
+    table_metadata,
 )
 
 if TYPE_CHECKING:
@@ -135,8 +137,7 @@ def read_sweep_meta(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a JSON object")
         meta.update(loaded)
-    trials_path = results_paths(base).trials
-    pmeta = _parquet_meta(trials_path) if trials_path.exists() else {}
+    pmeta = table_metadata(base, "trials")  # compacted file or newest part (a running sweep)
     if not meta.get("sweep_id"):
         raw = pmeta.get(META_SWEEP_ID)
         meta["sweep_id"] = raw.decode() if raw else base.name
@@ -187,8 +188,8 @@ def model_dirs(results_dir: str | os.PathLike[str], meta: dict[str, Any] | None 
     return out
 
 
-def _param_types(path: Path) -> dict[str, str]:
-    raw = _parquet_meta(path).get(META_PARAM_TYPES)
+def _param_types(results_dir: Path) -> dict[str, str]:
+    raw = table_metadata(results_dir, "trials").get(META_PARAM_TYPES)
     return dict(json.loads(raw.decode())) if raw else {}
 
 
@@ -212,17 +213,16 @@ def load_sweep(path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLik
     param_types: dict[str, str] = {}
     for raw in paths:
         d = Path(raw)
-        rp = results_paths(d)
-        if not rp.trials.exists():
-            raise FileNotFoundError(f"{d}: no {rp.trials.name}; not a sweep results directory")
+        if not has_results(d):  # trials.parquet, or trials/part-*.parquet while the sweep runs
+            raise FileNotFoundError(f"{d}: no trials.parquet; not a sweep results directory")
         meta = read_sweep_meta(d)
         sid = str(meta["sweep_id"])
         if sid in dirs:
             raise ValueError(f"sweep {sid!r} is loaded twice ({dirs[sid]} and {d})")
         dirs[sid], metas[sid] = d, meta
-        param_types.update(_param_types(rp.trials))
+        param_types.update(_param_types(d))
         trials.append(read_trials(d))
-        metrics.append(read_metrics(d) if rp.metrics.exists() else _empty_metrics())
+        metrics.append(read_metrics(d) if has_results(d, "metrics") else _empty_metrics())
         speed = read_speed_table(d)
         speed.insert(0, "sweep_id", pd.Series([sid] * len(speed), dtype=object))
         speeds.append(speed)
@@ -836,11 +836,14 @@ def duckdb_paths(sweep: Sweep) -> dict[str, str]:
 
 def duckdb_connect(sweep: Sweep) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views ``trials``, ``metrics`` and ``speed`` over all
-    loaded sweeps (``read_parquet([...], union_by_name=true)``)."""
+    loaded sweeps: ``trials``/``metrics`` are the loaded (deduplicated, part-merged) tables, so a
+    running sweep works too; ``speed`` reads the files (``read_parquet([...], union_by_name=true)``)."""
     import duckdb
 
     con = duckdb.connect()
-    for name in ("trials", "metrics", "speed"):
+    con.register("trials", sweep.trials)
+    con.register("metrics", sweep.metrics)
+    for name in ("speed",):
         files = [v for k, v in duckdb_paths(sweep).items() if k.endswith(f"/{name}")]
         if files:
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from mmdsweep import analysis as A
 from mmdsweep.inference.generate import fail, quiet_diffusers
-from mmdsweep.results import PARAM_PREFIX, TRIALS_FILE
+from mmdsweep.results import PARAM_PREFIX, TRIALS_FILE, has_results
 from mmdsweep.utils import atomic_write_bytes
 
 REPORT_DIR = "report"
@@ -322,7 +322,7 @@ def build_report(
         FileNotFoundError: ``results_dir`` has no ``trials.parquet``.
     """
     results = Path(results_dir)
-    if not (results / TRIALS_FILE).is_file():
+    if not has_results(results):  # trials.parquet, or its parts while the sweep runs
         raise FileNotFoundError(f"{results} has no {TRIALS_FILE}; not a sweep results directory")
     out = Path(out_dir) if out_dir is not None else results / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="leaderboard rows (default 20)")
     parser.add_argument("--no-samples", action="store_true", help="skip the sample grids")
     args = parser.parse_args(argv)
-    if not (Path(args.results_dir) / TRIALS_FILE).is_file():
+    if not has_results(args.results_dir):
         return fail(
             f"{Path(args.results_dir) / TRIALS_FILE} not found: {args.results_dir} is not a sweep results directory"
         )
