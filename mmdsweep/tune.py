@@ -209,6 +209,10 @@ def _check_same_experiment(exp: Experiment, sdir: Path, meta: dict[str, Any], pa
         import yaml
 
         raw = yaml.safe_load((sdir / "experiment.yaml").read_text())
+        try:  # resolve defaults the same way (a stored file may predate a new key's default)
+            raw = from_dict(raw, source=str(sdir / "experiment.yaml")).to_dict()
+        except ConfigError:
+            pass
         stored_flat = {
             k: v
             for k, v in _flatten(raw).items()
