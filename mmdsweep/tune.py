@@ -12,6 +12,7 @@ example on a cluster started with ``ray up cluster.yaml``) and starts a local Ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -209,10 +210,8 @@ def _check_same_experiment(exp: Experiment, sdir: Path, meta: dict[str, Any], pa
         import yaml
 
         raw = yaml.safe_load((sdir / "experiment.yaml").read_text())
-        try:  # resolve defaults the same way (a stored file may predate a new key's default)
+        with contextlib.suppress(ConfigError):  # resolve defaults the same way as the current config
             raw = from_dict(raw, source=str(sdir / "experiment.yaml")).to_dict()
-        except ConfigError:
-            pass
         stored_flat = {
             k: v
             for k, v in _flatten(raw).items()

@@ -29,7 +29,9 @@ def _snapshot(d: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
-def test_output_dir_under_a_regular_file(tmp_path: Path, dry_run: bool, capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_dir_under_a_regular_file(
+    tmp_path: Path, dry_run: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     blocker = tmp_path / "results"
     blocker.write_text("not a directory")
     cfg = tiny_config(tmp_path)

@@ -147,7 +147,9 @@ def test_model_of_another_shape(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _assert_one_line(rc, err, "3-channel 16x16", "1-channel 8x8", "config.json")
 
 
-def test_timesteps_beyond_the_models_training_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_timesteps_beyond_the_models_training_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = _model(tmp_path, train_steps=100)
     cfg = _diffusers_cfg(tmp_path, model)
     cfg["search"]["space"]["sampler.timesteps"] = {"choice": [2, 200]}

@@ -81,8 +81,12 @@ def test_a_fitting_trial_passes(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_cluster_at_an_address_is_what_counts() -> None:
     """With ``resources.address`` the cluster's totals are used (here given, as ray.cluster_resources() would)."""
     cfg = tiny_config(Path("/tmp"))
-    cfg["resources"].update({"address": "10.0.0.1:6379", "use_gpu": True, "gpus_per_worker": 1, "num_workers": 4})
+    cfg["resources"].update(
+        {"address": "10.0.0.1:6379", "use_gpu": True, "gpus_per_worker": 1, "num_workers": 4}
+    )
     exp = from_dict(cfg)
-    with pytest.raises(checks.ContentError, match=r"4 worker\(s\) = 4 but the cluster has 2; at most 2 worker"):
+    with pytest.raises(
+        checks.ContentError, match=r"4 worker\(s\) = 4 but the cluster has 2; at most 2 worker"
+    ):
         checks.check_resources(exp, cluster={"CPU": 64.0, "GPU": 2.0})
     assert "has 64 CPU, 8 GPU" in checks.check_resources(exp, cluster={"CPU": 64.0, "GPU": 8.0})

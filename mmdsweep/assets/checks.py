@@ -230,7 +230,9 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ContentError(f"{path}: not a readable safetensors file ({_first_line(e)}); re-download or re-save it") from None
+        raise ContentError(
+            f"{path}: not a readable safetensors file ({_first_line(e)}); re-download or re-save it"
+        ) from None
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -251,7 +253,9 @@ def _weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     try:
         sd = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file
-        raise ContentError(f"{weights}: cannot be read ({_first_line(e)}); re-download or re-save the weights") from None
+        raise ContentError(
+            f"{weights}: cannot be read ({_first_line(e)}); re-download or re-save the weights"
+        ) from None
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
@@ -274,7 +278,9 @@ def check_unet(unet_dir: Path, weights: Path) -> dict[str, Any]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
-    wrong = [(k, expected[k], shapes[k]) for k in sorted(set(expected) & set(shapes)) if expected[k] != shapes[k]]
+    wrong = [
+        (k, expected[k], shapes[k]) for k in sorted(set(expected) & set(shapes)) if expected[k] != shapes[k]
+    ]
     if missing or unexpected or wrong:
         if wrong:
             k, want, got = wrong[0]
@@ -282,7 +288,9 @@ def check_unet(unet_dir: Path, weights: Path) -> dict[str, Any]:
         elif missing:
             what = f"{len(missing)} tensor(s) of the config missing from the weights (e.g. {missing[0]})"
         else:
-            what = f"{len(unexpected)} tensor(s) in the weights the config does not have (e.g. {unexpected[0]})"
+            what = (
+                f"{len(unexpected)} tensor(s) in the weights the config does not have (e.g. {unexpected[0]})"
+            )
         raise ContentError(
             f"{cfg_path}: does not match {weights.name}: {what}; use the config.json that came with these weights"
         )
@@ -312,24 +320,32 @@ def check_model(exp: Experiment, params: Sequence[Any] | None) -> str:
     size = cfg.get("sample_size")
     size = int(size[0] if isinstance(size, list | tuple) else size) if size is not None else None
     ch = int(cfg.get("in_channels", 3))
-    want_ch = exp.data.channels if exp.data.channels is not None else (1 if exp.data.dataset == "digits" else None)
+    want_ch = (
+        exp.data.channels if exp.data.channels is not None else (1 if exp.data.dataset == "digits" else None)
+    )
     if size is not None and size != exp.data.resolution or (want_ch is not None and ch != want_ch):
         raise ContentError(
             f"{unet_dir / 'config.json'}: the model is {ch}-channel {size}x{size} but the experiment "
             f"({exp.source}) is {want_ch or ch}-channel {exp.data.resolution}x{exp.data.resolution} "
             "(data.channels, data.resolution); use a model trained at that shape or set the data to match"
         )
-    sched_dir = models._find_component(root, exp.model.scheduler_subfolder, ("scheduler_config.json",), "scheduler")
+    sched_dir = models._find_component(
+        root, exp.model.scheduler_subfolder, ("scheduler_config.json",), "scheduler"
+    )
     try:
         sched = json.loads((sched_dir / "scheduler_config.json").read_text())
     except (OSError, ValueError) as e:
-        raise ContentError(f"{sched_dir / 'scheduler_config.json'}: not valid JSON ({_first_line(e)})") from None
+        raise ContentError(
+            f"{sched_dir / 'scheduler_config.json'}: not valid JSON ({_first_line(e)})"
+        ) from None
     n_train = int(sched.get("num_train_timesteps", 1000))
     check_timesteps_against(exp, n_train, params, where=str(sched_dir / "scheduler_config.json"))
     return f"model: {weights} matches its config ({ch}x{size}x{size}, {n_train} training steps)"
 
 
-def check_timesteps_against(exp: Experiment, n: int, params: Sequence[Any] | None = None, where: str = "") -> None:
+def check_timesteps_against(
+    exp: Experiment, n: int, params: Sequence[Any] | None = None, where: str = ""
+) -> None:
     """Every value of ``sampler.timesteps`` (searched ones too) must be <= the model's training steps."""
     top = max(int(v) for v in _values(exp, params, "sampler.timesteps"))
     if top > n:
@@ -347,7 +363,9 @@ def _check_zip(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             z.infolist()
     except (OSError, zipfile.BadZipFile) as e:
-        raise ContentError(f"{path}: not a readable PyTorch/TorchScript file ({_first_line(e)}); re-download it") from None
+        raise ContentError(
+            f"{path}: not a readable PyTorch/TorchScript file ({_first_line(e)}); re-download it"
+        ) from None
 
 
 def check_feature_files(exp: Experiment, names: Iterable[str], src_classifier: str | None) -> list[str]:
@@ -372,7 +390,9 @@ def check_feature_files(exp: Experiment, names: Iterable[str], src_classifier: s
                 lines.append(f"features: classifier {cp} loads")
             continue
         if name == "inception":
-            path = Path(f.inception_path).expanduser() if f.inception_path else feat_mod.default_inception_path()
+            path = (
+                Path(f.inception_path).expanduser() if f.inception_path else feat_mod.default_inception_path()
+            )
         elif name.startswith("clip") and f.clip_pretrained and Path(f.clip_pretrained).expanduser().is_file():
             path = Path(f.clip_pretrained).expanduser()
         if path is None or not path.is_file():
@@ -401,9 +421,19 @@ def check_resources(exp: Experiment, *, cluster: dict[str, float] | None = None)
         if r.address and r.address != "local":
             import ray
 
-            if not ray.is_initialized():
-                ray.init(address=r.address, logging_level="ERROR", log_to_driver=False)
-            cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+            started = not ray.is_initialized()
+            try:
+                if started:
+                    ray.init(address=r.address, logging_level="ERROR", log_to_driver=False)
+                cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+                if started:
+                    ray.shutdown()  # the sweep connects with its own settings later
+            except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...
+                raise ContentError(
+                    f"{where}resources.address: cannot reach the Ray cluster at {r.address!r} "
+                    f"({type(e).__name__}: {_first_line(e)}); start it (`ray up cluster.yaml` or "
+                    "`ray start --head`) or remove resources.address to run on this machine"
+                ) from None
             what = f"the Ray cluster at {r.address}"
         else:
             import torch
@@ -485,7 +515,9 @@ def check_output_dirs(exp: Experiment) -> str:
 # ----------------------------------------------------------------------------- all
 
 
-def check_content(exp: Experiment, params: Sequence[Any] | None = None, *, progress: bool = True) -> list[str]:
+def check_content(
+    exp: Experiment, params: Sequence[Any] | None = None, *, progress: bool = True
+) -> list[str]:
     """Every content check of this module, in order of cost; lines for ``--dry-run``."""
     lines = [check_output_dirs(exp)]
     summary, n = check_data(exp, progress=progress)
