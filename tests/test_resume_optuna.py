@@ -69,7 +69,7 @@ def _reports(sdir: Path) -> int:
     return len(_frame(read_metrics, sdir))
 
 
-def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> bool:
+def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> bool:
     """Poll ``cond``; False if the sweep ended first (it must then have ended well)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
