@@ -197,3 +197,86 @@ def test_interrupt_and_kills_then_resume_keep_the_optuna_study_true(tiny_root: P
     for session in killed:
         assert not _alive(session), _alive(session)
     print(f"interrupt + {len(killed)} kills + resumes: {elapsed:.0f} s")
+
+
+# ----------------------------------------------------------------------------- fast unit checks
+
+
+def _study(tmp: Path) -> tuple[str, Any]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp / 'o.db'}"
+    return url, optuna.create_study(study_name="sw", storage=url)
+
+
+def test_orphans_stay_running_while_the_sweep_is_unfinished(tmp_path: Path) -> None:
+    import optuna
+
+    from mmdsweep.sweep.search import close_orphan_trials
+
+    url, study = _study(tmp_path)
+    study.ask()
+    assert close_orphan_trials(url, "sw", sweep_finished=False) == 0
+    assert [t.state for t in optuna.load_study(study_name="sw", storage=url).trials] == [
+        optuna.trial.TrialState.RUNNING
+    ]
+    assert close_orphan_trials(url, "sw", sweep_finished=True) == 1
+    (t,) = optuna.load_study(study_name="sw", storage=url).trials
+    assert t.state == optuna.trial.TrialState.FAIL and "mmdsweep_orphan" in t.user_attrs
+
+
+def test_guarded_searcher_never_writes_to_a_finished_trial(tmp_path: Path) -> None:
+    """A trial Optuna already holds as COMPLETE (told before Tune's last snapshot) is left alone."""
+    import optuna
+
+    from mmdsweep.sweep import raytrain, search
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    params = search.validate_space({"finetune.lr": {"loguniform": [1e-5, 1e-3]}})
+    searcher = search.make_searcher(params, ["fid"], ["min"], seed=0, storage=url, study_name="sw")
+    raytrain._guard(searcher)
+    assert type(searcher).__name__ == "GuardedOptunaSearch"
+    import pickle
+
+    assert type(pickle.loads(pickle.dumps(searcher))).__name__ == "GuardedOptunaSearch"
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"fid": 3.0, "training_iteration": 1})
+    searcher.on_trial_complete("t1", {"fid": 2.0, "training_iteration": 2})
+    # the driver died before Tune saved that the trial ended: Tune replays it on resume
+    searcher._completed_trials.discard("t1")
+    searcher.on_trial_result("t1", {"fid": 2.5, "training_iteration": 1})  # before: UpdateFinishedTrialError
+    searcher.on_trial_complete("t1", {"fid": 2.5, "training_iteration": 2})
+    (t,) = optuna.load_study(study_name="sw", storage=url).trials
+    assert t.state == optuna.trial.TrialState.COMPLETE and t.value == 2.0
+
+
+def test_release_stale_ray_stops_only_the_recorded_processes(tmp_path: Path) -> None:
+    from mmdsweep.sweep import raytrain
+
+    session = tmp_path / "session_2026-01-01_00-00-00_000000_1"
+    # a "worker" whose command line names the session (as Ray's workers do)
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"--session-dir={session}"])
+    recorded = subprocess.Popen(["sleep", "121"])  # a "raylet" recorded by pid
+    unrelated = subprocess.Popen(["sleep", "122"])
+    try:
+        info = {
+            "driver": {"pid": 999999, "create_time": 0.0, "name": "python"},
+            "session_dir": str(session),
+            "processes": [raytrain._proc_identity(recorded.pid)],
+        }
+        (tmp_path / raytrain.RAY_SESSION_FILE).write_text(json.dumps(info))
+        assert raytrain.release_stale_ray(tmp_path, timeout=5) == 2
+        assert ours.wait(timeout=10) is not None and recorded.wait(timeout=10) is not None
+        assert unrelated.poll() is None
+        assert not (tmp_path / raytrain.RAY_SESSION_FILE).exists()
+        # a live driver: refused, nothing stopped
+        info["driver"] = raytrain._proc_identity(unrelated.pid)
+        (tmp_path / raytrain.RAY_SESSION_FILE).write_text(json.dumps(info))
+        with pytest.raises(RuntimeError, match="still alive"):
+            raytrain.release_stale_ray(tmp_path)
+        assert unrelated.poll() is None
+    finally:
+        for p in (ours, recorded, unrelated):
+            p.kill()
+            p.wait()
