@@ -442,9 +442,9 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     if not raytrain.sweep_finished(grid, exp.search.num_samples):
         meta["status"] = "interrupted"
         _write_meta(sdir, meta)
-        ended = sum(s in ("TERMINATED", "ERROR") for s in statuses)
         raise SweepInterrupted(
-            f"sweep interrupted: {ended} of {exp.search.num_samples} trials ended; nothing exported; "
+            f"sweep interrupted before all {exp.search.num_samples} trials ended "
+            f"(Tune returned {len(statuses)} trial(s), states {sorted(set(statuses))}); nothing exported; "
             f"continue with `python -m mmdsweep.tune {exp.source} --resume`"
         )
     meta["status"] = "finished"

@@ -256,7 +256,9 @@ def test_release_stale_ray_stops_only_the_recorded_processes(tmp_path: Path) -> 
 
     session = tmp_path / "session_2026-01-01_00-00-00_000000_1"
     # a "worker" whose command line names the session (as Ray's workers do)
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"--session-dir={session}"])
+    ours = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", f"--session-dir={session}"]
+    )
     recorded = subprocess.Popen(["sleep", "121"])  # a "raylet" recorded by pid
     unrelated = subprocess.Popen(["sleep", "122"])
     try:

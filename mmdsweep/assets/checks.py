@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -424,7 +425,7 @@ def check_resources(exp: Experiment, *, cluster: dict[str, float] | None = None)
             started = not ray.is_initialized()
             try:
                 if started:
-                    ray.init(address=r.address, logging_level="ERROR", log_to_driver=False)
+                    ray.init(address=r.address, logging_level=logging.ERROR, log_to_driver=False)
                 cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
                 if started:
                     ray.shutdown()  # the sweep connects with its own settings later

@@ -614,7 +614,8 @@ def _make_guarded() -> type:
             if ot is None:
                 return False
             try:
-                return bool(self._ot_study._storage.get_trial(ot._trial_id).state.is_finished())
+                study: Any = self._ot_study
+                return bool(study._storage.get_trial(ot._trial_id).state.is_finished())
             except Exception:  # noqa: BLE001 - an unreadable storage: let Optuna decide
                 return False
 
