@@ -15,7 +15,6 @@ import yaml
 from conftest import tiny_config
 
 from mmdsweep import tune
-from mmdsweep.assets import checks
 from mmdsweep.config import from_dict
 
 
@@ -80,6 +79,8 @@ def test_a_fitting_trial_passes(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_cluster_at_an_address_is_what_counts() -> None:
     """With ``resources.address`` the cluster's totals are used (here given, as ray.cluster_resources() would)."""
+    from mmdsweep.assets import checks
+
     cfg = tiny_config(Path("/tmp"))
     cfg["resources"].update(
         {"address": "10.0.0.1:6379", "use_gpu": True, "gpus_per_worker": 1, "num_workers": 4}

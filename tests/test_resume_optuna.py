@@ -108,6 +108,8 @@ def _alive(session: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.slow
+# five driver starts: ~4-6 min on an idle 2-core machine, far more when other sweeps share the cores
+@pytest.mark.timeout(2400)
 def test_interrupt_and_kills_then_resume_keep_the_optuna_study_true(tiny_root: Path, tmp_path: Path) -> None:
     import optuna
 
