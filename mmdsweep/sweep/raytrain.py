@@ -233,6 +233,10 @@ def release_stale_ray(sweep_dir: str | Path, *, timeout: float = 10.0) -> int:
 class RayTrainReporter:
     """Reporter for a Ray Train worker: wraps ``ray.train.report``/``get_checkpoint``."""
 
+    resend_on_resume = True
+    """A run resumed mid-way re-reports its checkpoint's metrics: that report may have been lost
+    with a killed driver (the results keep one row per trial and step, so nothing doubles)."""
+
     def __init__(self) -> None:
         import ray.train
         import ray.train.torch

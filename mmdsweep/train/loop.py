@@ -350,9 +350,9 @@ def run_finetune(
         # repeat the final report so that the host records the run as completed
         reporter.report({**state.last_metrics, "status": "completed"}, None)
         return RunSummary("completed", state, None, None, _run_dir(reporter))
-    if state.step > 0 and state.last_metrics:
-        # resumed mid-run: the checkpoint's own report may have died with the driver before the
-        # results callback stored it; report it again (results keep one row per (trial, step))
+    if state.step > 0 and state.last_metrics and getattr(reporter, "resend_on_resume", False):
+        # resumed mid-run under a sweep driver: the checkpoint's own report may have died with the
+        # driver before the results callback stored it; report it again (one row per trial and step)
         reporter.report(dict(state.last_metrics), None)
     before: EvalResult | None = None
     if state.step == 0:
