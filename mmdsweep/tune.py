@@ -12,9 +12,11 @@ example on a cluster started with ``ray up cluster.yaml``) and starts a local Ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 import uuid
@@ -155,22 +157,129 @@ def prepare_caches(exp: Experiment, params: list[Any]) -> None:
     build_evaluator(exp, src, den.channels, device)
 
 
-def _sweep_meta(exp: Experiment, sdir: Path, resume: bool) -> dict[str, Any]:
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended (SIGINT/SIGTERM, Tune stopping early)."""
+
+
+# keys that may differ when a sweep is resumed (where and how it runs, not what it computes)
+RESUME_FREE_KEYS = (
+    "resources.",
+    "output.",
+    "search.num_samples",
+    "search.max_concurrent_trials",
+    "search.max_failures",
+    "data.num_workers",
+    "finetune.threads",
+    "finetune.device",
+    "pretrain.cache_dir",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "search." and k == "space"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_fingerprint(exp: Experiment, params: list[Any]) -> tuple[str, dict[str, Any]]:
+    """A hash of the keys that decide what a sweep computes (searched and resume-free keys left out)."""
+    import hashlib
+
+    searched = {p.key for p in params}
+    flat = {
+        k: v
+        for k, v in _flatten(exp.to_dict()).items()
+        if k not in searched and not k.startswith(RESUME_FREE_KEYS)
+    }
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], flat
+
+
+def _check_same_experiment(exp: Experiment, sdir: Path, meta: dict[str, Any], params: list[Any]) -> None:
+    """Refuse a sweep directory written by another experiment, before anything is written."""
+    stored_name = meta.get("experiment_name")
+    if stored_name is not None and stored_name != exp.name:
+        raise ConfigError(
+            f"{exp.source}: output: {sdir} holds a sweep of experiment {stored_name!r}, not {exp.name!r}; "
+            "set output.dir/output.name to a directory of its own (nothing was written)"
+        )
+    fp, flat = config_fingerprint(exp, params)
+    if meta.get("config_fingerprint") == fp:
+        return
+    stored_flat: dict[str, Any] | None = None
+    try:
+        import yaml
+
+        raw = yaml.safe_load((sdir / "experiment.yaml").read_text())
+        with contextlib.suppress(ConfigError):  # resolve defaults the same way as the current config
+            raw = from_dict(raw, source=str(sdir / "experiment.yaml")).to_dict()
+        stored_flat = {
+            k: v
+            for k, v in _flatten(raw).items()
+            if k not in {p.key for p in params} and not k.startswith(RESUME_FREE_KEYS)
+        }
+    except (OSError, ValueError, AttributeError, TypeError):
+        stored_flat = None
+    if stored_flat is None:
+        return  # an old sweep without a readable resolved config: the name check is all we have
+    diff = [k for k in sorted(set(flat) | set(stored_flat)) if flat.get(k) != stored_flat.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {stored_flat.get(k)!r} -> {flat.get(k)!r}" for k in diff[:3])
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ConfigError(
+            f"{exp.source}: output: {sdir} holds a sweep of experiment {stored_name or exp.name!r} with other "
+            f"settings ({shown}{more}); resume it with its own settings or set output.name to start a new "
+            "sweep (nothing was written)"
+        )
+
+
+def _tune_state_exists(exp: Experiment) -> bool:
+    """Whether Tune saved an experiment state the sweep can be restored from."""
+    sp = storage_path(exp)
+    if "://" in sp:
+        return True  # remote storage: let Tuner.restore decide
+    return any((Path(sp) / exp.output.name).glob("experiment_state-*.json"))
+
+
+def _set_aside(exp: Experiment, sdir: Path) -> Path | None:
+    """Move a dead first start's Tune directory and results files under ``sdir/.stale-<time>``."""
+    stale = sdir / f".stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    moved = False
+    candidates = [sdir / "trials.parquet", sdir / "metrics.parquet"]
+    sp = storage_path(exp)
+    if "://" not in sp:
+        candidates.append(Path(sp) / exp.output.name)
+    for c in candidates:
+        if c.exists():
+            stale.mkdir(parents=True, exist_ok=True)
+            c.replace(stale / c.name)
+            moved = True
+    return stale if moved else None
+
+
+def _sweep_meta(
+    exp: Experiment, sdir: Path, resume: bool, params: list[Any] | None = None
+) -> tuple[dict[str, Any], bool]:
+    """The sweep's metadata and whether Tune restores it; nothing is written here.
+
+    Rules: a directory holding another experiment's sweep is refused (name and the fingerprint
+    of the non-searched keys); a sweep with Tune state needs ``--resume``; a sweep whose first
+    start died before Tune saved any state (``sweep.json`` but no ``experiment_state``) starts
+    afresh, with or without ``--resume``, keeping every cache.
+    """
+    params = params or []
     path = sdir / "sweep.json"
-    if path.is_file():
-        meta = json.loads(path.read_text())
-        if not resume:
-            raise ConfigError(
-                f"{exp.source}: output: sweep directory {sdir} already holds a sweep ({meta.get('sweep_id')}); "
-                "pass --resume to continue it or set output.name to start a new one"
-            )
-        return dict(meta)
-    if resume:
-        raise ConfigError(f"{exp.source}: --resume: no sweep to resume in {sdir}")
-    return {
+    fresh = {
         "sweep_id": f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
         "experiment_name": exp.name,
         "experiment_file": str(Path(exp.source).resolve()),
+        "config_fingerprint": config_fingerprint(exp, params)[0],
         "sampler": exp.sampler.name,
         "spacing": exp.sampler.spacing,
         "objectives": list(exp.search.objectives),
@@ -178,6 +287,49 @@ def _sweep_meta(exp: Experiment, sdir: Path, resume: bool) -> dict[str, Any]:
         "study_name": exp.output.name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if path.is_file():
+        try:
+            meta = dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable ({e}); move the sweep directory aside") from None
+        _check_same_experiment(exp, sdir, meta, params)
+        if _tune_state_exists(exp):
+            if not resume:
+                raise ConfigError(
+                    f"{exp.source}: output: sweep directory {sdir} already holds a sweep ({meta.get('sweep_id')}); "
+                    "pass --resume to continue it or set output.name to start a new one"
+                )
+            return meta, True
+        fresh["restarted_from"] = meta.get("sweep_id")
+        fresh["stale_study_name"] = meta.get("study_name")
+        return fresh, False
+    if resume and (sdir / "experiment.yaml").is_file():
+        return fresh, False  # died before sweep.json was written: nothing to resume, start afresh
+    if resume:
+        raise ConfigError(f"{exp.source}: --resume: no sweep to resume in {sdir}")
+    return fresh, False
+
+
+def _fresh_study_name(exp: Experiment, meta: dict[str, Any]) -> str:
+    """A study name not yet in the Optuna storage (a dead first start may have created one)."""
+    name = str(meta["study_name"])
+    if not exp.search.storage:
+        return name
+    import optuna
+
+    from mmdsweep.sweep.search import close_orphan_trials
+
+    try:
+        existing = {s.study_name for s in optuna.get_all_study_summaries(exp.search.storage)}
+    except Exception:  # noqa: BLE001 - no database yet
+        return name
+    if name not in existing:
+        return name
+    close_orphan_trials(exp.search.storage, name)  # the dead start's suggestions never ran
+    k = 2
+    while f"{name}-{k}" in existing:
+        k += 1
+    return f"{name}-{k}"
 
 
 def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
@@ -187,19 +339,42 @@ def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
 
 
 def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
-    """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``)."""
+    """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``).
+
+    Every check (search space, files, their content, resources, output directories, the sweep
+    directory's owner) runs before anything is written. Raises :class:`SweepInterrupted` when the
+    sweep stopped before every trial ended (then nothing is exported; ``--resume`` continues).
+    """
+    from mmdsweep.assets import checks
     from mmdsweep.assets import components as comp
     from mmdsweep.sweep import raytrain, search
     from mmdsweep.sweep.callback import ParquetResultsCallback
 
     params = validate_sweep(exp)
     comp.preflight(exp)
+    checks.check_resources(exp)
+    checks.check_content(exp, params, progress=verbose > 0)
     sdir = sweep_dir(exp)
-    meta = _sweep_meta(exp, sdir, resume)
+    meta, resume = _sweep_meta(exp, sdir, resume, params)
+    try:
+        raytrain.release_stale_ray(sdir)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    if not resume:
+        stale = _set_aside(exp, sdir) if sdir.is_dir() else None
+        if stale is not None:
+            print(
+                f"note: {sdir}: the previous start stopped before Tune saved any state; starting afresh "
+                f"(caches kept, its files moved to {stale.name})",
+                file=sys.stderr,
+            )
+        meta["study_name"] = _fresh_study_name(exp, meta)
     sdir.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, sdir)
     (sdir / "config.yaml").replace(sdir / "experiment.yaml")
     (sdir / "config.json").unlink(missing_ok=True)
+    meta["status"] = "running"
+    _write_meta(sdir, meta)
     t0 = time.time()
     prepare_caches(exp, params)
     src = comp.resolve_model_source(exp, allow_pretrain=False)
@@ -209,6 +384,7 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
 
     r = exp.resources
     raytrain.init_ray(r.address, r.num_cpus, r.object_store_memory)
+    raytrain.record_ray_session(sdir)
     import ray
 
     total = ray.cluster_resources()
@@ -261,11 +437,22 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
         optuna_storage=exp.search.storage,
         sampler=exp.search.algorithm,
         verbose=verbose,
+        study_name=str(meta.get("study_name") or exp.output.name),
     )
-    meta["sweep_seconds"] = round(time.time() - t1, 1)
+    meta["sweep_seconds"] = round(meta.get("sweep_seconds", 0.0) + time.time() - t1, 1)
     meta["prepare_seconds"] = round(prep_s, 1)
     meta["max_concurrent_trials"] = max_conc
     meta["baseline"] = {**meta.get("baseline", {}), **_baseline(grid)}
+    statuses = raytrain.trial_statuses(grid)
+    if not raytrain.sweep_finished(grid, exp.search.num_samples):
+        meta["status"] = "interrupted"
+        _write_meta(sdir, meta)
+        raise SweepInterrupted(
+            f"sweep interrupted before all {exp.search.num_samples} trials ended "
+            f"(Tune returned {len(statuses)} trial(s), states {sorted(set(statuses))}); nothing exported; "
+            f"continue with `python -m mmdsweep.tune {exp.source} --resume`"
+        )
+    meta["status"] = "finished"
     _write_meta(sdir, meta)
     meta.update(finalize(exp, sdir, meta))
     _write_meta(sdir, meta)
@@ -421,6 +608,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        from mmdsweep.assets import checks
+
+        try:
+            lines.append(checks.check_resources(exp))
+            lines += checks.check_content(exp, params)
+            sdir = sweep_dir(exp)
+            if (sdir / "sweep.json").is_file():
+                _sweep_meta(exp, sdir, True, params)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            return 2
         for line in lines:
             print(line)
         r = exp.resources
@@ -435,11 +633,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{exp.source}: ok; results would go to {sweep_dir(exp)}")
         return 0
+    previous = signal.getsignal(signal.SIGTERM)
+    # SIGTERM (a scheduler, `kill`) stops the sweep the way Ctrl-C does: Tune saves its state
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         meta = run(exp, resume=args.resume, verbose=0 if args.quiet else 1)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except SweepInterrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted before the sweep started; run `python -m mmdsweep.tune {args.experiment}` again",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(exp, sweep_dir(exp), meta)
     return 0
 

@@ -57,7 +57,9 @@ import io
 import os
 import pickle
 import re
+import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,16 +190,65 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+ALPHA_BACKGROUND = 255
+"""Grey level (0-255) that transparent pixels are composited on: white, as image viewers show them."""
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert a decoded image of any mode PNG/JPEG can hold to ``L`` or ``RGB``, as displayed.
+
+    - EXIF orientation is applied (a JPEG is used as it is displayed, not as it is stored);
+    - transparency (``RGBA``, ``LA``, ``PA``, ``P``/``L``/``RGB`` with a ``transparency`` entry) is
+      composited over :data:`ALPHA_BACKGROUND` (white), never dropped;
+    - 16-bit and 32-bit integer greyscale (``I;16``, ``I``) is scaled to 8 bits (``v * 255 / 65535``),
+      not clipped as PIL's own ``convert`` does; ``F`` is rounded and clipped to [0, 255];
+    - ``CMYK`` (incl. Adobe's inverted JPEGs, which PIL undoes on decoding), ``YCbCr``, ``1`` and
+      palette images go through PIL's conversion to ``RGB``; ``RGB`` -> ``L`` uses ITU-R 601-2 luma.
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(array * 255.0 / 65535.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), "L")
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
+        image = image.convert("RGBA" if image.mode != "L" else "LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (ALPHA_BACKGROUND,) * 3 + (255,))
+        image = Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == mode:
+        return image.copy()
+    if mode == "L" and image.mode not in ("RGB", "1", "L"):
+        image = image.convert("RGB")
+    return image.convert(mode)
+
+
 def _decode_image(data: bytes | Path, source: str, mode: str) -> Image.Image:
-    """Decode an encoded image (bytes or a file) and convert it to ``mode``."""
+    """Decode an encoded image (bytes or a file) and convert it to ``mode`` (see :func:`to_mode`)."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            return image.convert(mode)
+            image.load()
+            return to_mode(image, mode)
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(
             f"{source}: does not exist; expected the image listed when the dataset was built"
         ) from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        AttributeError,
+        EOFError,
+        IndexError,
+        TypeError,
+        struct.error,
+        zlib.error,
+    ) as exc:  # fmt: skip  (a corrupt PNG chunk surfaces as AttributeError/struct.error inside PIL)
         raise DatasetError(
             f"{source}: cannot decode image ({exc}); expected a PNG, JPEG or WebP image"
         ) from exc

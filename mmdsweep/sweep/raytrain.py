@@ -115,11 +115,127 @@ def _warn_without_state_api() -> None:
         )
 
 
+# --------------------------------------------------------------------------- the driver's Ray, across a crash
+
+RAY_SESSION_FILE = "ray_session.json"
+
+
+def _proc_identity(pid: int) -> dict[str, Any] | None:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return {"pid": pid, "create_time": p.create_time(), "name": p.name()}
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _same_process(ident: Mapping[str, Any]) -> Any:
+    """The live process ``ident`` recorded (same pid AND start time: pids are reused), else None."""
+    import psutil
+
+    try:
+        p = psutil.Process(int(ident["pid"]))
+        if abs(p.create_time() - float(ident["create_time"])) < 1e-3:
+            return p
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError, TypeError):
+        pass
+    return None
+
+
+def record_ray_session(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """Write ``ray_session.json`` into the sweep directory: this driver and the local Ray it started.
+
+    Holds the driver's pid, the Ray session directory and the pids (with start times) of the
+    Ray processes started for this driver, so that a later ``--resume`` after the driver was
+    killed can stop exactly those (:func:`release_stale_ray`) and nothing else. Nothing is
+    recorded for a Ray cluster this driver only connected to (``resources.address``).
+    """
+    import json
+
+    import psutil
+    import ray
+
+    from mmdsweep.utils import atomic_write_text
+
+    node = getattr(ray._private.worker, "_global_node", None)  # set only when this driver started Ray
+    session_dir = node.get_session_dir_path() if node is not None and node.head else None
+    me = _proc_identity(os.getpid())
+    info: dict[str, Any] = {"driver": me, "session_dir": session_dir, "processes": []}
+    if session_dir:
+        try:
+            children = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            children = []
+        info["processes"] = [i for c in children if (i := _proc_identity(c.pid)) is not None]
+    atomic_write_text(Path(sweep_dir) / RAY_SESSION_FILE, json.dumps(info, indent=2))
+    return info
+
+
+def release_stale_ray(sweep_dir: str | Path, *, timeout: float = 10.0) -> int:
+    """Stop the Ray processes a killed driver of this sweep left behind; return how many.
+
+    Reads ``ray_session.json`` (:func:`record_ray_session`). When the recorded driver is still
+    alive a :class:`RuntimeError` is raised (two drivers must not run one sweep). Otherwise the
+    processes recorded there (matched by pid and start time) and every process whose command
+    line names the recorded Ray session directory (workers started later) are terminated, then
+    killed after ``timeout``. Unrelated Ray instances are never touched: this is a
+    ``ray stop`` for one session only.
+    """
+    import json
+
+    import psutil
+
+    path = Path(sweep_dir) / RAY_SESSION_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    driver = info.get("driver") or {}
+    if driver and _same_process(driver) is not None and int(driver["pid"]) != os.getpid():
+        raise RuntimeError(
+            f"{sweep_dir}: the driver that runs this sweep is still alive (pid {driver['pid']}); "
+            "stop it first (or wait for it to finish) before resuming"
+        )
+    victims: dict[int, Any] = {}
+    for ident in info.get("processes") or []:
+        p = _same_process(ident)
+        if p is not None:
+            victims[p.pid] = p
+    session = info.get("session_dir")
+    if session:
+        name = Path(session).name
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmd = " ".join(p.info.get("cmdline") or [])
+            except (psutil.Error, TypeError):
+                continue
+            if name in cmd and p.pid != os.getpid():
+                victims[p.pid] = p
+    procs = list(victims.values())
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    path.unlink(missing_ok=True)
+    if procs:
+        logger.info("stopped %d Ray process(es) left by the killed driver (session %s)", len(procs), session)
+    return len(procs)
+
+
 # --------------------------------------------------------------------------- reporters
 
 
 class RayTrainReporter:
     """Reporter for a Ray Train worker: wraps ``ray.train.report``/``get_checkpoint``."""
+
+    resend_on_resume = True
+    """A run resumed mid-way re-reports its checkpoint's metrics: that report may have been lost
+    with a killed driver (the results keep one row per trial and step, so nothing doubles)."""
 
     def __init__(self) -> None:
         import ray.train
@@ -359,6 +475,7 @@ def run_sweep(
     trial_max_failures: int = 0,
     experiment_checkpoint_s: float | None = None,
     verbose: int | None = None,
+    study_name: str | None = None,
 ) -> ResultGrid:
     """Run (or resume) a sweep of ``num_samples`` trials; return Tune's ``ResultGrid``.
 
@@ -371,14 +488,18 @@ def run_sweep(
     retries a whole errored trial (it too resumes from the Train checkpoint).
     ``experiment_checkpoint_s`` sets how often Tune snapshots the experiment
     (``TUNE_GLOBAL_CHECKPOINT_S``; Tune's default adapts, at least 10 s).
-    ``verbose`` is Tune's console verbosity (0 silent .. 2 default).
+    ``verbose`` is Tune's console verbosity (0 silent .. 2 default). ``study_name`` names the
+    Optuna study (default ``name``). RUNNING Optuna trials are closed (FAIL) only when the sweep
+    really finished (:func:`sweep_finished`); an interrupted sweep keeps them for ``--resume``.
     """
     storage_path = _absolute(storage_path)
     exp_dir = experiment_dir(storage_path, name)
     if experiment_checkpoint_s is not None:
         os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(experiment_checkpoint_s)
+    study = study_name or name
     if resume:
         tuner = _restore_tuner(exp_dir, trainable, callbacks)
+        _check_restored_searcher(tuner, study if optuna_storage else None)
     else:
         if exp_dir.exists() and any(exp_dir.iterdir()):
             raise FileExistsError(
@@ -393,8 +514,9 @@ def run_sweep(
             seed=searcher_seed,
             sampler=sampler,
             storage=optuna_storage,
-            study_name=name,
+            study_name=study,
         )
+        _guard(searcher)
         tuner = _new_tuner(
             trainable,
             searcher,
@@ -411,10 +533,116 @@ def run_sweep(
         )
     results = tuner.fit()
     if optuna_storage:
-        closed = close_orphan_trials(optuna_storage, name)
+        closed = close_orphan_trials(
+            optuna_storage, study, sweep_finished=sweep_finished(results, num_samples)
+        )
         if closed:
             logger.info("marked %d orphaned RUNNING Optuna trial(s) FAIL", closed)
     return results
+
+
+def trial_statuses(results: ResultGrid) -> list[str]:
+    """Tune's status of every trial of a finished ``fit()`` (TERMINATED, ERROR, PENDING, ...)."""
+    return [str(t.status) for t in results._experiment_analysis.trials]
+
+
+def sweep_finished(results: ResultGrid, num_samples: int) -> bool:
+    """True when every one of the ``num_samples`` trials ended (TERMINATED or ERROR).
+
+    False after SIGINT/SIGTERM or when Tune stopped early: Tune then returns from ``fit()``
+    with trials PENDING/RUNNING/PAUSED, or fewer trials than asked for.
+    """
+    statuses = trial_statuses(results)
+    return len(statuses) >= num_samples and all(s in ("TERMINATED", "ERROR") for s in statuses)
+
+
+def _unwrap_searcher(alg: Any) -> Any:
+    seen = 0
+    while alg is not None and not _is_optuna(alg) and hasattr(alg, "searcher") and seen < 5:
+        alg, seen = alg.searcher, seen + 1
+    return alg
+
+
+def _is_optuna(alg: Any) -> bool:
+    from ray.tune.search.optuna import OptunaSearch
+
+    return isinstance(alg, OptunaSearch)
+
+
+def _guard(searcher: Any) -> None:
+    """Make an ``OptunaSearch`` a :class:`GuardedOptunaSearch` (same state, pickled by our module path)."""
+    base = _unwrap_searcher(searcher)
+    if base is not None and _is_optuna(base) and not isinstance(base, _guarded_class()):
+        base.__class__ = _guarded_class()
+
+
+def _check_restored_searcher(tuner: Tuner, study_name: str | None) -> None:
+    """Ray issue 30861: after ``Tuner.restore`` the searcher must be the OptunaSearch we started with."""
+    local = tuner._local_tuner
+    alg = _unwrap_searcher(local._tune_config.search_alg if local is not None else None)
+    if alg is None or not _is_optuna(alg):
+        raise RuntimeError(
+            f"resume: Tune restored the searcher {type(alg).__name__}, not the OptunaSearch this sweep "
+            "started with (ray issue 30861); the sweep cannot continue its study"
+        )
+    if study_name is not None and getattr(alg, "_study_name", study_name) != study_name:
+        raise RuntimeError(
+            f"resume: the restored searcher drives Optuna study {alg._study_name!r}, expected {study_name!r}"
+        )
+    _guard(alg)
+
+
+_GUARDED: type | None = None
+
+
+def _guarded_class() -> type:
+    global _GUARDED
+    if _GUARDED is None:
+        _GUARDED = _make_guarded()
+    return _GUARDED
+
+
+def _make_guarded() -> type:
+    from ray.tune.search.optuna import OptunaSearch
+
+    class GuardedOptunaSearch(OptunaSearch):  # type: ignore[misc]
+        """``OptunaSearch`` that never writes to a trial its storage already holds as finished.
+
+        After a driver crash Tune may restart a trial whose result Optuna already recorded
+        (the study was told before Tune's last snapshot): reporting to or telling that trial
+        again raises ``UpdateFinishedTrialError``. The stored state wins; nothing is lost.
+        """
+
+        def _finished_in_storage(self, trial_id: str) -> bool:
+            ot = self._ot_trials.get(trial_id)
+            if ot is None:
+                return False
+            try:
+                study: Any = self._ot_study
+                return bool(study._storage.get_trial(ot._trial_id).state.is_finished())
+            except Exception:  # noqa: BLE001 - an unreadable storage: let Optuna decide
+                return False
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id not in self._completed_trials and self._finished_in_storage(trial_id):
+                return
+            super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id not in self._completed_trials and self._finished_in_storage(trial_id):
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    GuardedOptunaSearch.__module__ = __name__
+    GuardedOptunaSearch.__qualname__ = "GuardedOptunaSearch"
+    return GuardedOptunaSearch
+
+
+def __getattr__(name: str) -> Any:  # pickles of a sweep's searcher name the guarded class by module path
+    if name == "GuardedOptunaSearch":
+        return _guarded_class()
+    raise AttributeError(name)
 
 
 def _restore_tuner(

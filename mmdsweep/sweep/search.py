@@ -225,17 +225,32 @@ def make_searcher(
     )
 
 
-def close_orphan_trials(storage: str, study_name: str) -> int:
-    """Mark trials still RUNNING in a stored study as FAIL; return how many.
+ORPHAN_ATTR = "mmdsweep_orphan"
 
-    Call once a sweep has finished. Trials are left RUNNING when the driver was
-    killed after Optuna handed out a suggestion but before Tune checkpointed the
-    searcher; the resumed sweep never reports them, and samplers such as TPE
-    would otherwise keep treating them as pending forever.
+
+def close_orphan_trials(storage: str, study_name: str, *, sweep_finished: bool = True) -> int:
+    """Mark trials still RUNNING in a stored study as FAIL once the sweep has finished; return how many.
+
+    Trials are left RUNNING when the driver was killed after Optuna handed out a suggestion but
+    before Tune checkpointed the searcher; the resumed sweep never reports them, and samplers such
+    as TPE would otherwise keep treating them as pending forever. Each closed trial gets the user
+    attribute ``mmdsweep_orphan`` saying why.
+
+    With ``sweep_finished=False`` (an interrupted sweep: SIGINT, SIGTERM, Tune stopping early)
+    nothing is touched: the RUNNING trials are the ones ``--resume`` continues, and failing them
+    would make the resumed reports hit ``UpdateFinishedTrialError``.
     """
+    if not sweep_finished:
+        return 0
     st = open_storage(storage)
-    study_id = st.get_study_id_from_name(study_name)
+    try:
+        study_id = st.get_study_id_from_name(study_name)
+    except KeyError:
+        return 0
     orphans = st.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for t in orphans:
+        st.set_trial_user_attr(
+            t._trial_id, ORPHAN_ATTR, "suggested but never run to the end (its driver was stopped)"
+        )
         st.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     return len(orphans)

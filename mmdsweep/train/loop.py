@@ -49,7 +49,6 @@ from mmdsweep.config import (
 from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
 from mmdsweep.core.sampling import sample, select_timesteps
 from mmdsweep.inference.evaluation import EvalResult, Evaluator
-from mmdsweep.results.schema import RESUMED_REPORT_KEY
 from mmdsweep.train import distributed as dist_utils
 from mmdsweep.train.reporting import LocalReporter, Reporter
 from mmdsweep.utils import atomic_write_text, progress, resolve_device, set_threads
@@ -351,9 +350,10 @@ def run_finetune(
         # repeat the final report so that the host records the run as completed
         reporter.report({**state.last_metrics, "status": "completed"}, None)
         return RunSummary("completed", state, None, None, _run_dir(reporter))
-    # resumed from a checkpoint whose own report the host may never have received (the driver
-    # died in between): carry it with the next report; the results writer stores it as its row
-    carried: dict[str, Any] | None = dict(state.last_metrics) if state.last_metrics else None
+    if state.step > 0 and state.last_metrics and getattr(reporter, "resend_on_resume", False):
+        # resumed mid-run under a sweep driver: the checkpoint's own report may have died with the
+        # driver before the results callback stored it; report it again (one row per trial and step)
+        reporter.report(dict(state.last_metrics), None)
     before: EvalResult | None = None
     if state.step == 0:
         before = _eval_on_main(setup, model_for_eval)
@@ -405,8 +405,6 @@ def run_finetune(
             state.history.append({k: metrics[k] for k in ("step", "loss", "fid", "kid")})
             state.last_metrics = metrics
             write_ckpt = done or state.step % ckpt_every == 0
-            if carried is not None:
-                metrics, carried = {**metrics, RESUMED_REPORT_KEY: carried}, None
             _report(
                 reporter,
                 metrics,
@@ -423,8 +421,6 @@ def run_finetune(
         state.elapsed_s = time.time() - t_start
         metrics = _metrics(exp, state, None, loss_val, bandwidth, "diverged")
         metrics.update(extra_metrics or {})
-        if carried is not None:
-            metrics[RESUMED_REPORT_KEY] = carried
         reporter.report(metrics, None)
         return RunSummary("diverged", state, before, None, _run_dir(reporter))
     return RunSummary("completed", state, before, last, _run_dir(reporter))
