@@ -133,10 +133,11 @@ def prepare_caches(exp: Experiment, params: list[Any]) -> None:
     import torch
 
     from mmdsweep.assets import components as comp
+    from mmdsweep.train import pretrain
     from mmdsweep.train.loop import build_evaluator
 
     device = torch.device("cpu")
-    src = comp.resolve_model_source(exp, allow_pretrain=True)
+    src = pretrain.resolve_model_source(exp)
     den = comp.load_model(exp, src, device)
     train_names = {exp.features.train}
     for p in params:
@@ -195,7 +196,7 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     (sdir / "config.json").unlink(missing_ok=True)
     t0 = time.time()
     prepare_caches(exp, params)
-    src = comp.resolve_model_source(exp, allow_pretrain=False)
+    src = comp.resolve_model_source(exp)
     meta["base_model_dir"] = (
         str(Path(src.model_dir).resolve()) if "://" not in src.model_dir else src.model_dir
     )

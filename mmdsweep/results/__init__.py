@@ -218,20 +218,8 @@ def atomic_write_table(table: pa.Table, path: str | os.PathLike[str], **write_op
     the temporary file is removed and ``path`` keeps its previous content.
     Extra keyword arguments go to :func:`pyarrow.parquet.write_table`.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:  # "x": never clobber; permissions follow the umask
-            pq.write_table(table, fh, **write_options)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **write_options)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -50,6 +50,7 @@ from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
 from mmdsweep.core.sampling import sample, select_timesteps
 from mmdsweep.inference.evaluation import EvalResult, Evaluator
 from mmdsweep.train import distributed as dist_utils
+from mmdsweep.train import pretrain
 from mmdsweep.train.reporting import LocalReporter, Reporter
 from mmdsweep.utils import atomic_write_text, progress, resolve_device, set_threads
 
@@ -197,7 +198,7 @@ class Setup:
 def build_setup(
     exp: Experiment, device: torch.device, *, evaluate: bool, allow_pretrain: bool = True
 ) -> Setup:
-    src = comp.resolve_model_source(exp, allow_pretrain=allow_pretrain)
+    src = pretrain.resolve_model_source(exp) if allow_pretrain else comp.resolve_model_source(exp)
     den = comp.load_model(exp, src, device)
     if den.resolution != exp.data.resolution:
         raise ConfigError(
