@@ -36,7 +36,6 @@ def main() -> int:
 
     import torch
 
-    from mmdsweep.assets import components as comp
     from mmdsweep.assets.models import load_denoiser
     from mmdsweep.config import load_experiment, parse_override
     from mmdsweep.train import pretrain

@@ -39,9 +39,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from mmdsweep.results import (
-    META_EXPERIMENT_NAME,
     META_PARAM_TYPES,
-    META_SWEEP_ID,
     METRICS_SCHEMA,
     PARAM_PREFIX,
     read_metrics,

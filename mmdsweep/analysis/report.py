@@ -339,7 +339,9 @@ def build_report(
     """
     results = Path(results_dir)
     if not SweepLayout(results).trials.is_file():
-        raise FileNotFoundError(f"{results} has no {SweepLayout(results).trials.name}; not a sweep results directory")
+        raise FileNotFoundError(
+            f"{results} has no {SweepLayout(results).trials.name}; not a sweep results directory"
+        )
     out = Path(out_dir) if out_dir is not None else results / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     sweep = A.load_sweep(results)
@@ -397,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trials = SweepLayout(args.results_dir).trials
     if not trials.is_file():
-        print(f"error: {trials} not found: {args.results_dir} is not a sweep results directory", file=sys.stderr)
+        print(
+            f"error: {trials} not found: {args.results_dir} is not a sweep results directory", file=sys.stderr
+        )
         return 2
     from mmdsweep.inference.generate import quiet_diffusers  # torch and diffusers: only for the sample grids
 

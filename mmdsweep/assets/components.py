@@ -176,7 +176,14 @@ def build_reference(
     exp: Experiment, space: torch.nn.Module, space_key: str, channels: int, device: torch.device
 ) -> ReferenceStats:
     """Reference statistics (FID mean/covariance, KID features) in an evaluation space, cached."""
-    key = _key("ref", real_dataset_id(exp, channels), space_key, exp.data.resolution, channels, exp.eval.num_reference)
+    key = _key(
+        "ref",
+        real_dataset_id(exp, channels),
+        space_key,
+        exp.data.resolution,
+        channels,
+        exp.eval.num_reference,
+    )
 
     def compute() -> Any:
         ds = real_dataset(exp, channels)

@@ -27,7 +27,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import torch
 
 from mmdsweep.core.dtypes import DTYPES
@@ -38,10 +37,12 @@ from mmdsweep.results.speed import (  # noqa: F401  (the table's names stay impo
     SPEED_FILE,
     SPEED_KEY,
     SPEED_SCHEMA,
-    speed_frame as _frame,
     read_speed_table,
     speed_metadata,
     write_speed_table,
+)
+from mmdsweep.results.speed import (
+    speed_frame as _frame,
 )
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from mmdsweep.assets.models import Denoiser
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (5, 10, 20, 50)
-
 
 
 def device_name(device: torch.device) -> str:

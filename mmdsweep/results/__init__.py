@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
+
+from mmdsweep.fsio import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -220,16 +221,6 @@ def atomic_write_table(table: pa.Table, path: str | os.PathLike[str], **write_op
     """
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **write_options)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename in ``directory`` (best effort; not all systems allow it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------- value coercion

@@ -54,6 +54,7 @@ SPEED_SCHEMA = pa.schema(
 SPEED_KEY = ("model", "sampler", "spacing", "timesteps", "device", "dtype")
 """Columns identifying a measurement; a newer row with the same key replaces an older one."""
 
+
 def speed_frame(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with exactly the speed columns, typed as :func:`read_speed_table` returns them."""
     return _to_table(df).to_pandas(types_mapper=_int64_mapper)

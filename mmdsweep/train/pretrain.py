@@ -20,15 +20,14 @@ import math
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mmdsweep.assets import classifier as clf
-from mmdsweep.assets import data as data_mod
 from mmdsweep.assets import components as comp
+from mmdsweep.assets import data as data_mod
 from mmdsweep.assets.models import build_unet, load_denoiser, save_denoiser, scheduler_config_for
 from mmdsweep.assets.pretrained import (  # noqa: F401  (re-exported: the cache lookup lives in assets)
     PRETRAIN_VERSION,
@@ -37,10 +36,11 @@ from mmdsweep.assets.pretrained import (  # noqa: F401  (re-exported: the cache 
     pretrain_dir,
     pretrain_key,
 )
-from mmdsweep.config import ConfigError, Experiment, cli_parser, expand, load_experiment
+from mmdsweep.config import ConfigError, Experiment, cli_parser, load_experiment
 from mmdsweep.core.sampling import NoiseSchedule, sample, select_timesteps
 from mmdsweep.fsio import atomic_dir
 from mmdsweep.utils import progress, save_grid, set_threads
+
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up then cosine decay to 10% of the base rate."""
