@@ -32,13 +32,6 @@ from mmdsweep.config import (
     write_resolved,
 )
 
-OBJECTIVE_METRICS = {
-    "fid": ("fid", "min"),
-    "kid": ("kid", "min"),
-    "timesteps": ("timesteps", "min"),
-    "sample_time": ("sample_time_per_image_s", "min"),
-}
-
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -95,8 +88,10 @@ def storage_path(exp: Experiment) -> str:
 
 
 def objectives(exp: Experiment) -> tuple[list[str], list[str]]:
-    pairs = [OBJECTIVE_METRICS[o] for o in exp.search.objectives]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    """The reported metrics and modes of the experiment's objectives (``mmdsweep.results.objectives``)."""
+    from mmdsweep.results.objectives import objective_metrics
+
+    return objective_metrics(exp.search.objectives)
 
 
 def validate_sweep(exp: Experiment) -> list[Any]:
@@ -139,11 +134,8 @@ def prepare_caches(exp: Experiment, params: list[Any]) -> None:
     device = torch.device("cpu")
     src = pretrain.resolve_model_source(exp)
     den = comp.load_model(exp, src, device)
-    train_names = {exp.features.train}
-    for p in params:
-        if p.key == "features.train" and p.kind == "choice":
-            train_names.update(str(c) for c in p.choices)
-    for name in sorted(train_names):
+    del params  # the searched training spaces come from the experiment (comp.train_space_names)
+    for name in comp.train_space_names(exp):
         space = comp.build_space(exp, name, src, device, for_eval=False)
         comp.build_bank(exp, space, comp.space_id(exp, name, src, for_eval=False), den.channels, device)
     build_evaluator(exp, src, den.channels, device)
@@ -365,19 +357,11 @@ def print_summary(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> None:
 
 
 def pareto_front(trials: Any) -> Any:
-    """Non-dominated (timesteps, best_fid) pairs: for each T the best FID, kept if no smaller T beats it."""
-    done = trials.dropna(subset=["best_fid", "timesteps"])
-    if done.empty:
-        return done[["timesteps", "best_fid", "trial_id"]]
-    best = done.sort_values("best_fid").groupby("timesteps", as_index=False).first().sort_values("timesteps")
-    keep, best_so_far = [], math.inf
-    for _, row in best.iterrows():
-        if row["best_fid"] < best_so_far:
-            keep.append(row)
-            best_so_far = row["best_fid"]
-    import pandas as pd
+    """Non-dominated (timesteps, best_fid) trials: :func:`mmdsweep.analysis.pareto_front` (the one
+    definition), restricted to the columns printed after a sweep."""
+    from mmdsweep.analysis import pareto_front as front
 
-    return pd.DataFrame(keep)[["timesteps", "best_fid", "trial_id"]]
+    return front(trials, x="timesteps", y="best_fid")[["timesteps", "best_fid", "trial_id"]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,27 @@ def resolve_model_source(exp: Experiment) -> ModelSource:
     return ModelSource(str(art.model_dir), clf)
 
 
+def _spec_choices(spec: Any) -> list[Any]:
+    """The ``choice`` values of one search-space spec (a YAML mapping or a typed object)."""
+    if isinstance(spec, dict):
+        values = spec.get("choice")
+    else:
+        values = getattr(spec, "choice", None) or getattr(spec, "choices", None)
+    return list(values) if isinstance(values, (list, tuple)) else []
+
+
+def train_space_names(exp: Experiment) -> list[str]:
+    """Every training feature space a run of ``exp`` may use: ``features.train`` and, when the
+    sweep searches it, each of its choices (in every branch of a conditional spec). The one
+    answer to "is ``features.train`` searched?" (banks are precomputed and files checked for each)."""
+    names = {exp.features.train}
+    space = exp.search.space if isinstance(exp.search.space, dict) else {}
+    spec = space.get("features.train")
+    for branch in spec if isinstance(spec, list) else [spec] if spec is not None else []:
+        names.update(str(c) for c in _spec_choices(branch))
+    return sorted(names)
+
+
 def load_model(exp: Experiment, src: ModelSource, device: torch.device) -> Denoiser:
     den = load_denoiser(
         src.model_dir,
@@ -246,10 +267,7 @@ def preflight(exp: Experiment, *, collect: bool = False) -> list[str]:
     else:
         state = "cached" if pretrained.cached(exp) else "will be trained first"
         lines.append(f"model: embedded default DDPM ({state}: {pretrained.pretrain_dir(exp)})")
-    names = {exp.features.train, exp.features.eval, *exp.features.extra_eval}
-    space = exp.search.space.get("features.train") if isinstance(exp.search.space, dict) else None
-    if isinstance(space, dict) and isinstance(space.get("choice"), list):
-        names.update(str(c) for c in space["choice"])
+    names = {*train_space_names(exp), exp.features.eval, *exp.features.extra_eval}
     for name in sorted(names):
         attempt("features", lambda name=name: check_feature_weights(exp, name))
     if problems:

@@ -109,17 +109,8 @@ def sample_noise(
 
 
 def kernel_spec(exp: Experiment) -> KernelSpec:
-    k = exp.kernel
-    return KernelSpec(
-        type=k.type,
-        degree=k.degree,
-        gamma=k.gamma,
-        coef0=k.coef0,
-        bandwidth=k.bandwidth,
-        bandwidth_mode=k.bandwidth_mode,
-        bandwidths=list(k.bandwidths),
-        imq_c=k.imq_c,
-    )
+    """The experiment's MMD kernel (:meth:`KernelSpec.from_config`: the one conversion)."""
+    return KernelSpec.from_config(exp.kernel)
 
 
 def _effective_bandwidth(info: dict[str, Any]) -> float:
