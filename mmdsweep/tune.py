@@ -32,7 +32,6 @@ from mmdsweep.config import (
     write_resolved,
 )
 
-
 # ----------------------------------------------------------------------------- worker side
 
 
@@ -172,7 +171,7 @@ def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(sdir / "sweep.json", json.dumps(meta, indent=2, default=str))
 
 
-def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
+def run(exp: Experiment, *, resume: bool = False, verbose: int = 1, ray_verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``)."""
     from mmdsweep.assets import components as comp
     from mmdsweep.results import ParquetResultsCallback
@@ -196,7 +195,7 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     prep_s = time.time() - t0
 
     r = exp.resources
-    raytrain.init_ray(r.address, r.num_cpus, r.object_store_memory)
+    raytrain.init_ray(r.address, r.num_cpus, r.object_store_memory, verbose=ray_verbose)
     import ray
 
     total = ray.cluster_resources()
@@ -375,14 +374,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     ap.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    ap.add_argument(
+        "--verbose", action="store_true", help="show Ray's internal log lines and the workers' output"
+    )
     args = ap.parse_args(argv)
-    from mmdsweep.assets import components as comp
-
+    # the configuration is checked before torch, Ray or Optuna are imported: errors come back at once
     try:
         overrides = dict(parse_override(s) for s in args.set)
         if args.address:
             overrides["resources.address"] = args.address
         exp = load_experiment(args.experiment, overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from mmdsweep.assets import components as comp
+
+    try:
         params = validate_sweep(exp)
         lines = comp.preflight(exp, collect=args.dry_run)
     except comp.PreflightError as e:
@@ -406,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{exp.source}: ok; results would go to {sweep_dir(exp)}")
         return 0
     try:
-        meta = run(exp, resume=args.resume, verbose=0 if args.quiet else 1)
+        meta = run(exp, resume=args.resume, verbose=0 if args.quiet else 1, ray_verbose=args.verbose)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -41,7 +41,6 @@ from mmdsweep.assets.models import Denoiser, save_denoiser
 from mmdsweep.config import (
     ConfigError,
     Experiment,
-    cli_parser,
     load_experiment,
     parse_override,
     write_resolved,
@@ -476,15 +475,9 @@ def format_result(label: str, r: EvalResult | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = cli_parser(
-        "python -m mmdsweep.finetune",
-        "Run one MMD-DDM fine-tuning run in this process (the loop that Ray Train runs per worker).",
-    )
-    ap.add_argument("--run-dir", help="output directory (default: <output.dir>/finetune-T<T>)")
-    ap.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    ap.add_argument("--dry-run", action="store_true", help="validate the experiment and its files, then stop")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    from mmdsweep.cli_args import finetune_parser
+
+    args = finetune_parser().parse_args(argv)
     try:
         exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set))
         lines = comp.preflight(exp, collect=args.dry_run)

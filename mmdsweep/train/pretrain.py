@@ -36,7 +36,7 @@ from mmdsweep.assets.pretrained import (  # noqa: F401  (re-exported: the cache 
     pretrain_dir,
     pretrain_key,
 )
-from mmdsweep.config import ConfigError, Experiment, cli_parser, load_experiment
+from mmdsweep.config import ConfigError, Experiment, load_experiment
 from mmdsweep.core.sampling import NoiseSchedule, sample, select_timesteps
 from mmdsweep.fsio import atomic_dir
 from mmdsweep.utils import progress, save_grid, set_threads
@@ -171,13 +171,9 @@ def resolve_model_source(exp: Experiment) -> comp.ModelSource:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = cli_parser(
-        "python -m mmdsweep.pretrain",
-        "Train (or fetch from the cache) the embedded default's DDPM and domain classifier.",
-    )
-    ap.add_argument("--force", action="store_true", help="retrain even if a cached result exists")
-    ap.add_argument("--dry-run", action="store_true", help="validate the experiment and stop")
-    args = ap.parse_args(argv)
+    from mmdsweep.cli_args import pretrain_parser
+
+    args = pretrain_parser().parse_args(argv)
     from mmdsweep.config import parse_override
 
     try:
