@@ -141,9 +141,19 @@ def prepare_caches(exp: Experiment, params: list[Any]) -> None:
 
 
 def _sweep_meta(exp: Experiment, sdir: Path, resume: bool) -> dict[str, Any]:
-    path = sdir / "sweep.json"
+    from mmdsweep.results.layout import LAYOUT_VERSION, SweepLayout, layout_version
+
+    path = SweepLayout(sdir).sweep_json
     if path.is_file():
         meta = json.loads(path.read_text())
+        if resume and layout_version(meta) < LAYOUT_VERSION:
+            # Tune's saved state pickles the trainable and callbacks by module path
+            # (mmdsweep.tune.worker_loop, mmdsweep.results.ParquetResultsCallback of the flat package)
+            raise ConfigError(
+                f"{exp.source}: --resume: {sdir} was written by an older mmdsweep (results layout "
+                f"{layout_version(meta)}, this version writes {LAYOUT_VERSION}) and cannot be resumed; "
+                "its results stay readable; start a new sweep with another output.name"
+            )
         if not resume:
             raise ConfigError(
                 f"{exp.source}: output: sweep directory {sdir} already holds a sweep ({meta.get('sweep_id')}); "
@@ -153,6 +163,7 @@ def _sweep_meta(exp: Experiment, sdir: Path, resume: bool) -> dict[str, Any]:
     if resume:
         raise ConfigError(f"{exp.source}: --resume: no sweep to resume in {sdir}")
     return {
+        "layout_version": LAYOUT_VERSION,
         "sweep_id": f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
         "experiment_name": exp.name,
         "experiment_file": str(Path(exp.source).resolve()),
@@ -166,15 +177,17 @@ def _sweep_meta(exp: Experiment, sdir: Path, resume: bool) -> dict[str, Any]:
 
 
 def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
-    from mmdsweep.utils import atomic_write_text
+    from mmdsweep.fsio import atomic_write_text
+    from mmdsweep.results.layout import SweepLayout
 
-    atomic_write_text(sdir / "sweep.json", json.dumps(meta, indent=2, default=str))
+    atomic_write_text(SweepLayout(sdir).sweep_json, json.dumps(meta, indent=2, default=str))
 
 
 def run(exp: Experiment, *, resume: bool = False, verbose: int = 1, ray_verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``)."""
     from mmdsweep.assets import components as comp
     from mmdsweep.results import ParquetResultsCallback
+    from mmdsweep.results.layout import SweepLayout
     from mmdsweep.sweep import raytrain, search
 
     params = validate_sweep(exp)
@@ -183,7 +196,7 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1, ray_verbose:
     meta = _sweep_meta(exp, sdir, resume)
     sdir.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, sdir)
-    (sdir / "config.yaml").replace(sdir / "experiment.yaml")
+    (sdir / "config.yaml").replace(SweepLayout(sdir).experiment)
     (sdir / "config.json").unlink(missing_ok=True)
     t0 = time.time()
     prepare_caches(exp, params)
@@ -275,20 +288,21 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
     """Export the best checkpoint per T and measure sampling speed for the Pareto front."""
     from mmdsweep.inference.export import export_pipeline
     from mmdsweep.results import read_trials
+    from mmdsweep.results.layout import SweepLayout
 
     trials = read_trials(sdir)
     exports: dict[str, str] = {}
     ok = trials[trials["best_checkpoint"].notna() & trials["best_fid"].notna()]
     for T, group in ok.groupby("timesteps"):
         best = group.sort_values("best_fid").iloc[0]
-        ckpt = _fetch_checkpoint(str(best["best_checkpoint"]), sdir / "checkpoints" / f"T{int(T)}")
+        ckpt = _fetch_checkpoint(str(best["best_checkpoint"]), SweepLayout(sdir).checkpoint(int(T)))
         if ckpt is None or not (ckpt / "unet").is_dir():
             print(
                 f"warning: best checkpoint for T={T} is not readable ({best['best_checkpoint']})",
                 file=sys.stderr,
             )
             continue
-        out = sdir / "exported" / f"T{int(T)}"
+        out = SweepLayout(sdir).exported(int(T))
         if exp.sampler.spacing == "uniform":
             export_pipeline(ckpt, out, timesteps=int(T))
             exports[str(int(T))] = str(out.relative_to(sdir))
