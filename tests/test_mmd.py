@@ -21,6 +21,8 @@ from mmdsweep.core.mmd import (
     squared_distances,
 )
 
+pytestmark = pytest.mark.threads  # scripts/test.sh runs these with 1 and 2 torch threads
+
 
 def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
     g = torch.Generator().manual_seed(seed)
