@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from ray.tune import Callback
 
 from mmdsweep.fsio import atomic_path
+from mmdsweep.results.layout import METRICS_FILE, TRIALS_FILE  # the directory layout is defined there
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,8 +46,6 @@ A minor bump only adds nullable columns; a major bump may rename, retype or
 remove columns. Readers refuse files written with a newer major version.
 """
 
-TRIALS_FILE = "trials.parquet"
-METRICS_FILE = "metrics.parquet"
 
 META_SCHEMA_VERSION = b"mmdsweep.schema_version"
 META_SWEEP_ID = b"mmdsweep.sweep_id"
