@@ -183,7 +183,9 @@ def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(SweepLayout(sdir).sweep_json, json.dumps(meta, indent=2, default=str))
 
 
-def run(exp: Experiment, *, resume: bool = False, verbose: int = 1, ray_verbose: bool = False) -> dict[str, Any]:
+def run(
+    exp: Experiment, *, resume: bool = False, verbose: int = 1, ray_verbose: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``)."""
     from mmdsweep.assets import components as comp
     from mmdsweep.results import ParquetResultsCallback

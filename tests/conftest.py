@@ -52,7 +52,13 @@ def tiny_config(root: Path) -> dict:
         "sampler": {"name": "ddim", "timesteps": 3},
         "features": {"train": "classifier", "eval": "classifier"},
         "kernel": {"type": "polynomial"},
-        "finetune": {"steps": 4, "batch_size": 8, "lr": 1.0e-4, "eval_every": 2, "threads": test_threads() or 1},
+        "finetune": {
+            "steps": 4,
+            "batch_size": 8,
+            "lr": 1.0e-4,
+            "eval_every": 2,
+            "threads": test_threads() or 1,
+        },
         "eval": {"num_samples": 48, "batch_size": 48, "kid_subsets": 2, "kid_subset_size": 24},
         "search": {
             "num_samples": 3,
@@ -110,14 +116,14 @@ def sweep_yaml(tiny_root: Path, out: Path, **search: object) -> Path:
     return p
 
 
-def run_tune_cli(args: list[str]) -> subprocess.Popen[str]:
-    """``python -m mmdsweep.tune ARGS --quiet`` in its own process group (so a test can kill it whole)."""
+def run_tune_cli(args: list[str], *, quiet: bool = True) -> subprocess.Popen[str]:
+    """``python -m mmdsweep.tune ARGS [--quiet]`` in its own process group (so a test can kill it whole)."""
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen(
-        [sys.executable, "-m", "mmdsweep.tune", *args, "--quiet"],
+        [sys.executable, "-m", "mmdsweep.tune", *args, *(["--quiet"] if quiet else [])],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -143,7 +149,7 @@ def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
         seed=3,
         space=SWEEP_SPACE,
     )
-    proc = run_tune_cli([str(p)])
+    proc = run_tune_cli([str(p)], quiet=False)  # with Tune's progress table
     printed, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, printed[-4000:]
     return out / "results" / "sweep", printed

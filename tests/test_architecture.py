@@ -64,7 +64,9 @@ def test_analysis_and_results_import_without_torch() -> None:
     assert "torch" not in loaded and "torchvision" not in loaded
 
 
-@pytest.mark.xfail(_RESULTS_IMPORTS_RAY, reason="results/__init__.py still holds the Tune callback", strict=True)
+@pytest.mark.xfail(
+    _RESULTS_IMPORTS_RAY, reason="results/__init__.py still holds the Tune callback", strict=True
+)
 def test_analysis_and_results_import_without_ray() -> None:
     out = _python(_LOADED)
     assert out.returncode == 0, out.stderr
@@ -313,9 +315,9 @@ def test_image_grid_matches_the_hand_written_layout() -> None:
     ref = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, ncol)
-        ref[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
-            imgs[i]
-        )
+        ref[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = imgs[i]
     np.testing.assert_array_equal(image_grid(x, nrow=ncol, pad=pad), ref)
     grey = image_grid(x[:, :1], nrow=ncol, pad=pad)
     assert grey.shape[-1] == 1

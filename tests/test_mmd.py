@@ -235,7 +235,9 @@ def test_median_mode_gradient_treats_bandwidth_as_constant() -> None:
     y = _randn(7, 3, seed=22)
     v_med, info = mmd2_unbiased(x, y, KernelSpec(type="rbf", bandwidth_mode="median"))
     (g_med,) = torch.autograd.grad(v_med, x)
-    v_abs, _ = mmd2_unbiased(x, y, KernelSpec(type="rbf", bandwidth=info["bandwidth"], bandwidth_mode="absolute"))
+    v_abs, _ = mmd2_unbiased(
+        x, y, KernelSpec(type="rbf", bandwidth=info["bandwidth"], bandwidth_mode="absolute")
+    )
     (g_abs,) = torch.autograd.grad(v_abs, x)
     torch.testing.assert_close(g_med, g_abs, rtol=1e-10, atol=1e-12)
 
