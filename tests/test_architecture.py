@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config
+
 from mmdsweep import analysis as A
 from mmdsweep import fsio
 from mmdsweep.assets import components as comp
