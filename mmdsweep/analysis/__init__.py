@@ -16,7 +16,7 @@ without ``pyplot`` (no global figure registry, no backend switch); save them wit
     A.plot_pareto(sweep).savefig("pareto.png")
 
 A results directory holds ``trials.parquet`` and ``metrics.parquet`` (``mmdsweep.results``),
-optionally ``speed.parquet`` (``mmdsweep.inference.speed``) and ``sweep.json`` (base model, exports,
+optionally ``speed.parquet`` (``mmdsweep.results.speed``) and ``sweep.json`` (base model, exports,
 sampler, Optuna storage). See ``docs/results.md``, "Analysing results".
 """
 
