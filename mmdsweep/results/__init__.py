@@ -218,8 +218,8 @@ def atomic_write_table(table: pa.Table, path: str | os.PathLike[str], **write_op
     the temporary file is removed and ``path`` keeps its previous content.
     Extra keyword arguments go to :func:`pyarrow.parquet.write_table`.
     """
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **write_options)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        pq.write_table(table, fh, **write_options)
 
 
 # --------------------------------------------------------------------------- value coercion
