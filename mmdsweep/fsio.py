@@ -33,6 +33,12 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_file(path: Path) -> None:
     with contextlib.suppress(OSError), open(path, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -44,12 +50,14 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
 
     If the body raises, the temporary file is removed and ``final`` keeps its previous content.
     The body may write the temporary path by name (``torch.save``, ``np.savez``, safetensors).
+    The file gets the permissions a plain ``open()`` would give it (``0o666`` less the umask).
     """
     target = Path(final)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # permissions of a plain open(): mkstemp's are 0o600
     try:
         yield tmp
         _fsync_file(tmp)
