@@ -115,7 +115,37 @@ def quiet_ray() -> dict[str, Any]:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     for name in ("ray", "ray.tune", "ray.train", "ray.data", "ray.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _filter_raylet_notes()
     return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+# raylet notes that say nothing about the sweep (Ray 2.60 prints them through the driver's error
+# listener, which log_to_driver does not cover); other raylet messages (OOM kills...) still show
+_RAYLET_NOISE = (
+    "worker processes have been started",
+    "placement group",
+    "restart",
+)
+
+
+def _filter_raylet_notes() -> None:
+    """Drop the raylet's routine notes from the driver's console (private Ray API; best effort)."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_mmdsweep_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and any(n in str(line) for line in lines for n in _RAYLET_NOISE):
+            return
+        original(data, ignore_prefix)
+
+    filtered._mmdsweep_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
 
 
 def progress_reporter(param_keys: Sequence[str], metrics: Sequence[str], modes: Sequence[str]) -> Any:
