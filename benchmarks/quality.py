@@ -36,9 +36,9 @@ def main() -> int:
 
     import torch
 
-    from mmdsweep.assets import components as comp
     from mmdsweep.assets.models import load_denoiser
     from mmdsweep.config import load_experiment, parse_override
+    from mmdsweep.train import pretrain
     from mmdsweep.train.loop import LocalReporter, build_evaluator, evaluate_model, run_finetune
     from mmdsweep.utils import markdown_table, resolve_device, set_threads
 
@@ -55,7 +55,7 @@ def main() -> int:
     device = resolve_device(exp.finetune.device)
     t_all = time.time()
     t0 = time.time()
-    src = comp.resolve_model_source(exp)
+    src = pretrain.resolve_model_source(exp)
     pretrain_s = time.time() - t0
     train_spaces = args.train_spaces or list(dict.fromkeys([exp.features.train, "classifier"]))
     eval_names = list(dict.fromkeys([exp.features.eval, *train_spaces, *exp.features.extra_eval]))

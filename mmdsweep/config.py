@@ -14,7 +14,7 @@ and every value a search parameter can take is checked against its config key, s
 cannot fail later on a value the experiment could never accept.
 
 Two checks need more than the file and live in their own functions, for the CLIs to call:
-:func:`check_feature_names` (imports torchvision lazily) and :func:`check_timesteps_against`
+:func:`mmdsweep.assets.checks.check_feature_names` (imports torchvision) and :func:`check_timesteps_against`
 (the loaded model's number of training timesteps).
 
 The resolved configuration (defaults filled in) is written next to every run's outputs with
@@ -261,7 +261,7 @@ class FeaturesConfig:
     """Feature spaces: ``train`` for the MMD loss, ``eval`` (and ``extra_eval``) for FID/KID.
 
     Names: ``inception``, ``clip``, ``torchvision:<arch>`` (any name in
-    ``torchvision.models.list_models()``; checked by :func:`check_feature_names`), ``classifier``.
+    ``torchvision.models.list_models()``; checked by :func:`mmdsweep.assets.checks.check_feature_names`), ``classifier``.
     """
 
     train: FeatureName = Field(
@@ -883,33 +883,6 @@ def check_timesteps_against(exp: Experiment, num_train_timesteps: int) -> None:
             raise ConfigError(
                 f"{exp.source}: {where}: must be <= the model's num_train_timesteps ({num_train_timesteps}), "
                 f"got {t}; use fewer sampler steps"
-            )
-
-
-def check_feature_names(exp: Experiment) -> None:
-    """Check that every ``torchvision:<arch>`` feature space (also in ``search.space``) names a model
-    in ``torchvision.models.list_models()``. Imports torchvision (lazily): CLIs call it after
-    :func:`load_experiment`, once importing torch is acceptable."""
-    names = [("features.train", exp.features.train), ("features.eval", exp.features.eval)]
-    names += [(f"features.extra_eval[{i}]", n) for i, n in enumerate(exp.features.extra_eval)]
-    for p in validate_space(exp.search.space) if exp.search.space else []:
-        if p.key in ("features.train", "features.eval"):
-            names += [(f"search.space.{p.key}", v) for v in p.choices if isinstance(v, str)]
-    wanted = [(k, n.split(":", 1)[1]) for k, n in names if n.startswith("torchvision:")]
-    if not wanted:
-        return
-    import torchvision
-
-    available = set(torchvision.models.list_models())
-    for where, arch in wanted:
-        if arch not in available:
-            close = difflib.get_close_matches(arch, sorted(available), n=1)
-            hint = f"; did you mean 'torchvision:{close[0]}'?" if close else ""
-            raise ConfigError(
-                _one_line(
-                    f"{exp.source}: {where}: torchvision has no model {arch!r}{hint} "
-                    "(see torchvision.models.list_models())"
-                )
             )
 
 

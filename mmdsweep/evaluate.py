@@ -41,7 +41,7 @@ def evaluate_table(
 
     set_threads(exp.finetune.threads)
     device = resolve_device(exp.finetune.device)
-    src = comp.resolve_model_source(exp, allow_pretrain=False)
+    src = comp.resolve_model_source(exp)
     den = load_denoiser(str(model_dir))
     den.unet.to(device).eval()
     evaluator = build_evaluator(exp, src, den.channels, device)

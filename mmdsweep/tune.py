@@ -34,14 +34,6 @@ from mmdsweep.config import (
     write_resolved,
 )
 
-OBJECTIVE_METRICS = {
-    "fid": ("fid", "min"),
-    "kid": ("kid", "min"),
-    "timesteps": ("timesteps", "min"),
-    "sample_time": ("sample_time_per_image_s", "min"),
-}
-
-
 # ----------------------------------------------------------------------------- worker side
 
 
@@ -97,8 +89,10 @@ def storage_path(exp: Experiment) -> str:
 
 
 def objectives(exp: Experiment) -> tuple[list[str], list[str]]:
-    pairs = [OBJECTIVE_METRICS[o] for o in exp.search.objectives]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    """The reported metrics and modes of the experiment's objectives (``mmdsweep.results.objectives``)."""
+    from mmdsweep.results.objectives import objective_metrics
+
+    return objective_metrics(exp.search.objectives)
 
 
 def validate_sweep(exp: Experiment) -> list[Any]:
@@ -142,16 +136,14 @@ def prepare_caches(exp: Experiment, params: list[Any]) -> None:
     import torch
 
     from mmdsweep.assets import components as comp
+    from mmdsweep.train import pretrain
     from mmdsweep.train.loop import build_evaluator
 
     device = torch.device("cpu")
-    src = comp.resolve_model_source(exp, allow_pretrain=True)
+    src = pretrain.resolve_model_source(exp)
     den = comp.load_model(exp, src, device)
-    train_names = {exp.features.train}
-    for p in params:
-        if p.key == "features.train" and p.kind == "choice":
-            train_names.update(str(c) for c in p.choices)
-    for name in sorted(train_names):
+    del params  # the searched training spaces come from the experiment (comp.train_space_names)
+    for name in comp.train_space_names(exp):
         space = comp.build_space(exp, name, src, device, for_eval=False)
         comp.build_bank(exp, space, comp.space_id(exp, name, src, for_eval=False), den.channels, device)
     build_evaluator(exp, src, den.channels, device)
@@ -274,8 +266,11 @@ def _sweep_meta(
     afresh, with or without ``--resume``, keeping every cache.
     """
     params = params or []
-    path = sdir / "sweep.json"
+    from mmdsweep.results.layout import LAYOUT_VERSION, SweepLayout, layout_version
+
+    path = SweepLayout(sdir).sweep_json
     fresh = {
+        "layout_version": LAYOUT_VERSION,
         "sweep_id": f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
         "experiment_name": exp.name,
         "experiment_file": str(Path(exp.source).resolve()),
@@ -292,6 +287,14 @@ def _sweep_meta(
             meta = dict(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: unreadable ({e}); move the sweep directory aside") from None
+        if layout_version(meta) < LAYOUT_VERSION:
+            # Tune's saved state pickles the trainable and callbacks by module path
+            # (mmdsweep.tune.worker_loop, mmdsweep.results.ParquetResultsCallback of the flat package)
+            raise ConfigError(
+                f"{exp.source}: output: {sdir} was written by an older mmdsweep (results layout "
+                f"{layout_version(meta)}, this version writes {LAYOUT_VERSION}) and cannot be resumed; "
+                "its results stay readable; set output.name to start a new sweep"
+            )
         _check_same_experiment(exp, sdir, meta, params)
         if _tune_state_exists(exp):
             if not resume:
@@ -333,12 +336,28 @@ def _fresh_study_name(exp: Experiment, meta: dict[str, Any]) -> str:
 
 
 def _write_meta(sdir: Path, meta: dict[str, Any]) -> None:
-    from mmdsweep.utils import atomic_write_text
+    from mmdsweep.fsio import atomic_write_text
+    from mmdsweep.results.layout import SweepLayout
 
-    atomic_write_text(sdir / "sweep.json", json.dumps(meta, indent=2, default=str))
+    atomic_write_text(SweepLayout(sdir).sweep_json, json.dumps(meta, indent=2, default=str))
 
 
-def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str, Any]:
+def _cluster(exp: Experiment) -> dict[str, float] | None:
+    """The resources of the Ray cluster at ``resources.address`` (None: this machine is checked)."""
+    address = exp.resources.address
+    if not address or address == "local":
+        return None
+    from mmdsweep.sweep import raytrain
+
+    try:
+        return raytrain.cluster_resources(address)
+    except ConfigError as e:
+        raise ConfigError(f"{exp.source}: {e}") from None
+
+
+def run(
+    exp: Experiment, *, resume: bool = False, verbose: int = 1, ray_verbose: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the sweep of ``exp``; returns the sweep metadata (also in ``sweep.json``).
 
     Every check (search space, files, their content, resources, output directories, the sweep
@@ -347,12 +366,13 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
     """
     from mmdsweep.assets import checks
     from mmdsweep.assets import components as comp
+    from mmdsweep.results.layout import SweepLayout
     from mmdsweep.sweep import raytrain, search
     from mmdsweep.sweep.callback import ParquetResultsCallback
 
     params = validate_sweep(exp)
     comp.preflight(exp)
-    checks.check_resources(exp)
+    checks.check_resources(exp, cluster=_cluster(exp))
     checks.check_content(exp, params, progress=verbose > 0)
     sdir = sweep_dir(exp)
     meta, resume = _sweep_meta(exp, sdir, resume, params)
@@ -371,19 +391,19 @@ def run(exp: Experiment, *, resume: bool = False, verbose: int = 1) -> dict[str,
         meta["study_name"] = _fresh_study_name(exp, meta)
     sdir.mkdir(parents=True, exist_ok=True)
     write_resolved(exp, sdir)
-    (sdir / "config.yaml").replace(sdir / "experiment.yaml")
+    (sdir / "config.yaml").replace(SweepLayout(sdir).experiment)
     (sdir / "config.json").unlink(missing_ok=True)
     meta["status"] = "running"
     _write_meta(sdir, meta)
     t0 = time.time()
     prepare_caches(exp, params)
-    src = comp.resolve_model_source(exp, allow_pretrain=False)
+    src = comp.resolve_model_source(exp)
     meta["base_model_dir"] = _base_model_dir(exp, src.model_dir)
     _write_meta(sdir, meta)
     prep_s = time.time() - t0
 
     r = exp.resources
-    raytrain.init_ray(r.address, r.num_cpus, r.object_store_memory)
+    raytrain.init_ray(r.address, r.num_cpus, r.object_store_memory, verbose=ray_verbose)
     raytrain.record_ray_session(sdir)
     import ray
 
@@ -485,20 +505,21 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
     """Export the best checkpoint per T and measure sampling speed for the Pareto front."""
     from mmdsweep.inference.export import export_pipeline
     from mmdsweep.results import read_trials
+    from mmdsweep.results.layout import SweepLayout
 
     trials = read_trials(sdir)
     exports: dict[str, str] = {}
     ok = trials[trials["best_checkpoint"].notna() & trials["best_fid"].notna()]
     for T, group in ok.groupby("timesteps"):
         best = group.sort_values("best_fid").iloc[0]
-        ckpt = _fetch_checkpoint(str(best["best_checkpoint"]), sdir / "checkpoints" / f"T{int(T)}")
+        ckpt = _fetch_checkpoint(str(best["best_checkpoint"]), SweepLayout(sdir).checkpoint(int(T)))
         if ckpt is None or not (ckpt / "unet").is_dir():
             print(
                 f"warning: best checkpoint for T={T} is not readable ({best['best_checkpoint']})",
                 file=sys.stderr,
             )
             continue
-        out = sdir / "exported" / f"T{int(T)}"
+        out = SweepLayout(sdir).exported(int(T))
         if exp.sampler.spacing == "uniform":
             export_pipeline(ckpt, out, timesteps=int(T))
             exports[str(int(T))] = str(out.relative_to(sdir))
@@ -566,19 +587,11 @@ def print_summary(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> None:
 
 
 def pareto_front(trials: Any) -> Any:
-    """Non-dominated (timesteps, best_fid) pairs: for each T the best FID, kept if no smaller T beats it."""
-    done = trials.dropna(subset=["best_fid", "timesteps"])
-    if done.empty:
-        return done[["timesteps", "best_fid", "trial_id"]]
-    best = done.sort_values("best_fid").groupby("timesteps", as_index=False).first().sort_values("timesteps")
-    keep, best_so_far = [], math.inf
-    for _, row in best.iterrows():
-        if row["best_fid"] < best_so_far:
-            keep.append(row)
-            best_so_far = row["best_fid"]
-    import pandas as pd
+    """Non-dominated (timesteps, best_fid) trials: :func:`mmdsweep.analysis.pareto_front` (the one
+    definition), restricted to the columns printed after a sweep."""
+    from mmdsweep.analysis import pareto_front as front
 
-    return pd.DataFrame(keep)[["timesteps", "best_fid", "trial_id"]]
+    return front(trials, x="timesteps", y="best_fid")[["timesteps", "best_fid", "trial_id"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,14 +605,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     ap.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    ap.add_argument(
+        "--verbose", action="store_true", help="show Ray's internal log lines and the workers' output"
+    )
     args = ap.parse_args(argv)
-    from mmdsweep.assets import components as comp
-
+    # the configuration is checked before torch, Ray or Optuna are imported: errors come back at once
     try:
         overrides = dict(parse_override(s) for s in args.set)
         if args.address:
             overrides["resources.address"] = args.address
         exp = load_experiment(args.experiment, overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from mmdsweep.assets import components as comp
+
+    try:
         params = validate_sweep(exp)
         lines = comp.preflight(exp, collect=args.dry_run)
     except comp.PreflightError as e:
@@ -611,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmdsweep.assets import checks
 
         try:
-            lines.append(checks.check_resources(exp))
+            lines.append(checks.check_resources(exp, cluster=_cluster(exp)))
             lines += checks.check_content(exp, params)
             sdir = sweep_dir(exp)
             if (sdir / "sweep.json").is_file():
@@ -637,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler, `kill`) stops the sweep the way Ctrl-C does: Tune saves its state
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
-        meta = run(exp, resume=args.resume, verbose=0 if args.quiet else 1)
+        meta = run(exp, resume=args.resume, verbose=0 if args.quiet else 1, ray_verbose=args.verbose)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

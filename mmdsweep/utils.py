@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+from mmdsweep.fsio import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 T = TypeVar("T")
 
@@ -44,23 +45,28 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return y.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def image_grid(x: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
+    """Images in [-1, 1] ``(N, C, H, W)`` -> one uint8 ``(H', W', C')`` grid with white padding.
+
+    torchvision's ``make_grid`` lays the images out (``min(nrow, N)`` per row, ``pad`` pixels
+    around every image); one-channel images come back with one channel.
+    """
+    from torchvision.utils import make_grid
+
+    levels = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()  # the values of to_uint8
+    grid = make_grid(levels, nrow=max(1, nrow), padding=pad, pad_value=255.0)
+    out = grid.to(torch.uint8).permute(1, 2, 0).numpy()
+    return out[..., :1] if x.shape[1] == 1 else out
+
+
 def save_grid(
     x: torch.Tensor, path: str | os.PathLike[str], nrow: int = 8, pad: int = 1, scale: int = 1
 ) -> Path:
     """Save images in [-1, 1] as one PNG grid (optionally upscaled by nearest neighbour)."""
     from PIL import Image
 
-    imgs = to_uint8(x)
-    n, h, w, c = imgs.shape
-    ncol = min(nrow, n)
-    nrows = (n + ncol - 1) // ncol
-    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        grid[
-            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
-        ] = imgs[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    grid = image_grid(x, nrow=nrow, pad=pad)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     out = Path(path)
@@ -75,27 +81,6 @@ def _png_bytes(img: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def resolve_device(name: str) -> torch.device:

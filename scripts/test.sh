@@ -14,6 +14,8 @@ fi
 .venv/bin/ruff check mmdsweep tests benchmarks
 .venv/bin/ruff format --check mmdsweep tests benchmarks
 .venv/bin/mypy mmdsweep
+# the package layering (pyproject.toml [tool.importlinter]; docs/architecture.md)
+.venv/bin/lint-imports
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
@@ -21,5 +23,19 @@ set -e
 if [ "$rc" = 5 ]; then
   echo "pytest collected no tests (exit 5)" >&2
   exit 1
+fi
+if [ "$rc" = 0 ] && [ "$#" = 0 ]; then
+  # numerics must not depend on the number of torch threads: the tests marked `threads` again,
+  # with 1 and with 2 threads (tests/conftest.py honours MMDSWEEP_TEST_THREADS)
+  for threads in 1 2; do
+    set +e
+    MMDSWEEP_TEST_THREADS=$threads .venv/bin/python -m pytest -q -m threads
+    rc=$?
+    set -e
+    if [ "$rc" != 0 ]; then
+      echo "tests marked 'threads' failed with $threads torch thread(s)" >&2
+      exit "$rc"
+    fi
+  done
 fi
 exit "$rc"

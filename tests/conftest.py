@@ -13,6 +13,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def test_threads() -> int:
+    """``MMDSWEEP_TEST_THREADS`` (0 when unset): the torch thread count to run the tests with.
+
+    ``scripts/test.sh`` runs the tests marked ``threads`` (numerics that could depend on the
+    number of threads) again with 1 and with 2 threads, so a property that holds with one count
+    only is caught on any machine.
+    """
+    return int(os.environ.get("MMDSWEEP_TEST_THREADS") or 0)
+
+
+test_threads.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    if test_threads():
+        import torch
+
+        torch.set_num_threads(test_threads())
+
+
 def tiny_config(root: Path) -> dict:
     """A digits experiment small enough to pretrain and fine-tune in seconds on 2 cores."""
     return {
@@ -31,7 +52,13 @@ def tiny_config(root: Path) -> dict:
         "sampler": {"name": "ddim", "timesteps": 3},
         "features": {"train": "classifier", "eval": "classifier"},
         "kernel": {"type": "polynomial"},
-        "finetune": {"steps": 4, "batch_size": 8, "lr": 1.0e-4, "eval_every": 2, "threads": 1},
+        "finetune": {
+            "steps": 4,
+            "batch_size": 8,
+            "lr": 1.0e-4,
+            "eval_every": 2,
+            "threads": test_threads() or 1,
+        },
         "eval": {"num_samples": 48, "batch_size": 48, "kid_subsets": 2, "kid_subset_size": 24},
         "search": {
             "num_samples": 3,
@@ -89,14 +116,14 @@ def sweep_yaml(tiny_root: Path, out: Path, **search: object) -> Path:
     return p
 
 
-def run_tune_cli(args: list[str]) -> subprocess.Popen[str]:
-    """``python -m mmdsweep.tune ARGS --quiet`` in its own process group (so a test can kill it whole)."""
+def run_tune_cli(args: list[str], *, quiet: bool = True) -> subprocess.Popen[str]:
+    """``python -m mmdsweep.tune ARGS [--quiet]`` in its own process group (so a test can kill it whole)."""
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen(
-        [sys.executable, "-m", "mmdsweep.tune", *args, "--quiet"],
+        [sys.executable, "-m", "mmdsweep.tune", *args, *(["--quiet"] if quiet else [])],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -122,7 +149,7 @@ def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
         seed=3,
         space=SWEEP_SPACE,
     )
-    proc = run_tune_cli([str(p)])
+    proc = run_tune_cli([str(p)], quiet=False)  # with Tune's progress table
     printed, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, printed[-4000:]
     return out / "results" / "sweep", printed
@@ -130,7 +157,7 @@ def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 @pytest.fixture(scope="module")
 def one_thread(request: pytest.FixtureRequest) -> None:
-    """One intra-op torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    """One intra-op torch thread (or ``MMDSWEEP_TEST_THREADS``) for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
 
     Tiny models on a busy 2-core machine are much faster, and stable, without OpenMP spinning.
     The previous thread count is restored when the module is done.
@@ -138,5 +165,5 @@ def one_thread(request: pytest.FixtureRequest) -> None:
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(test_threads() or 1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))

@@ -43,6 +43,7 @@ def trained(digits: tuple[Tensor, Tensor, Tensor, Tensor]) -> DomainClassifier:
     return train_classifier(x_train, y_train, steps=300, batch_size=64, seed=0)
 
 
+@pytest.mark.threads
 def test_reaches_90_percent_on_held_out_digits(
     trained: DomainClassifier, digits: tuple[Tensor, Tensor, Tensor, Tensor]
 ) -> None:

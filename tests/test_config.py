@@ -336,7 +336,7 @@ def test_check_timesteps_against() -> None:
 
 def test_check_feature_names() -> None:
     pytest.importorskip("torchvision")
-    from mmdsweep.config import check_feature_names
+    from mmdsweep.assets.checks import check_feature_names
 
     exp = load_experiment(ROOT / "experiments" / "digits.yaml")
     check_feature_names(exp)

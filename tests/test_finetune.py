@@ -99,27 +99,44 @@ def test_non_finite_loss_stops_as_diverged_without_writing_weights(
     assert all(torch.isfinite(v).all() for v in _weights(ckpts[0]).values())
 
 
+@pytest.mark.threads
 def test_finetuning_lowers_the_training_objective(tiny_yaml: Path, tmp_path: Path) -> None:
+    """12 fine-tuning steps lower the MMD objective by many times its estimator's noise.
+
+    Robust by construction, not by luck: the chain has T=1 step, where the pretrained model's
+    one-step images are far from the data (objective ~0.27 against ~0.05 at T=3), so the
+    decrease is large compared with the noise of the estimator; at T=3 the per-batch noise of
+    the unbiased MMD (sd ~0.1 at n=64) swamps the effect of 12 steps, and the old test flipped
+    sign between CPUs (0.0448 -> 0.0552). The objective is measured on 8 fixed evaluation batches
+    before and after (the same noise and real features both times, so the differences are
+    paired), and the mean decrease must exceed 3 standard errors of the paired differences.
+    Measured here with 1 and 2 threads: decrease 0.0083, standard error 0.0006 (t ~ 14).
+    """
     exp = load_experiment(tiny_yaml).with_overrides(
-        {"finetune.steps": 12, "finetune.lr": 5.0e-4, "finetune.eval_every": 12, "finetune.batch_size": 24}
+        {
+            "sampler.timesteps": 1,
+            "finetune.steps": 12,
+            "finetune.lr": 5.0e-4,
+            "finetune.eval_every": 12,
+            "finetune.batch_size": 24,
+        }
     )
     setup = build_setup(exp, torch.device("cpu"), evaluate=True)
     ts = select_timesteps(exp.sampler.timesteps, 1000)
     spec = kernel_spec(exp)
 
-    def objective() -> float:
+    def objective() -> torch.Tensor:
         with torch.no_grad():
-            return (
-                sum(
-                    float(mmd_loss(setup, setup.denoiser.unet, 10_000 + s, ts, spec, 64)[0]) for s in range(4)
-                )
-                / 4
+            return torch.tensor(
+                [float(mmd_loss(setup, setup.denoiser.unet, 10_000 + s, ts, spec, 64)[0]) for s in range(8)]
             )
 
     before = objective()
     run_finetune(exp, LocalReporter(tmp_path / "run"), setup=setup)
     after = objective()
-    assert after < before, (before, after)
+    diff = after - before
+    stderr = float(diff.std()) / math.sqrt(len(diff))
+    assert float(diff.mean()) < -3 * stderr, (before.tolist(), after.tolist())
 
 
 def _dist_worker(rank: int, world: int, init_file: str, yaml_path: str, out: str) -> None:
@@ -147,6 +164,7 @@ def _dist_worker(rank: int, world: int, init_file: str, yaml_path: str, out: str
     os._exit(0)
 
 
+@pytest.mark.threads
 def test_two_workers_equal_one_process_with_the_global_batch(tiny_yaml: Path, tmp_path: Path) -> None:
     """N workers with batch b give the loss and gradient of one process with batch N*b."""
     import torch.multiprocessing as mp

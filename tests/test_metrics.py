@@ -25,6 +25,8 @@ from mmdsweep.assets.metrics import (
 )
 from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
 
+pytestmark = pytest.mark.threads  # scripts/test.sh runs these with 1 and 2 torch threads
+
 
 def _feats(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
     """Non-negative, Inception-like (post-ReLU average-pool) features in float64."""

@@ -21,6 +21,8 @@ from mmdsweep.core.mmd import (
     squared_distances,
 )
 
+pytestmark = pytest.mark.threads  # scripts/test.sh runs these with 1 and 2 torch threads
+
 
 def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -68,9 +70,9 @@ KERNEL_CASES = [
 
 SPECS = {
     "polynomial": KernelSpec(),
-    "rbf": KernelSpec(type="rbf", bandwidth=1.5),
-    "rbf_mixture": KernelSpec(type="rbf_mixture", bandwidths=[0.7, 2.0]),
-    "imq": KernelSpec(type="imq", imq_c=1.2),
+    "rbf": KernelSpec(type="rbf", bandwidth=1.5, bandwidth_mode="absolute"),
+    "rbf_mixture": KernelSpec(type="rbf_mixture", bandwidths=[0.7, 2.0], bandwidth_mode="absolute"),
+    "imq": KernelSpec(type="imq", imq_c=1.2, bandwidth_mode="absolute"),
 }
 
 
@@ -130,13 +132,13 @@ def test_median_mode_reports_effective_bandwidth(kind: KernelType) -> None:
     assert info["median_distance"] == pytest.approx(med, rel=1e-12)
     if kind == "rbf":
         assert info["bandwidth"] == pytest.approx(0.5 * med, rel=1e-12)
-        absolute = KernelSpec(type="rbf", bandwidth=info["bandwidth"])
+        absolute = KernelSpec(type="rbf", bandwidth=info["bandwidth"], bandwidth_mode="absolute")
     elif kind == "rbf_mixture":
         assert info["bandwidths"] == pytest.approx([0.25 * med, 2.0 * med], rel=1e-12)
-        absolute = KernelSpec(type="rbf_mixture", bandwidths=info["bandwidths"])
+        absolute = KernelSpec(type="rbf_mixture", bandwidths=info["bandwidths"], bandwidth_mode="absolute")
     else:
         assert info["imq_c"] == pytest.approx(3.0 * med, rel=1e-12)
-        absolute = KernelSpec(type="imq", imq_c=info["imq_c"])
+        absolute = KernelSpec(type="imq", imq_c=info["imq_c"], bandwidth_mode="absolute")
     value_abs, info_abs = mmd2_unbiased(x, y, absolute)
     assert "median_distance" not in info_abs
     torch.testing.assert_close(value, value_abs, rtol=1e-12, atol=1e-14)
@@ -233,7 +235,9 @@ def test_median_mode_gradient_treats_bandwidth_as_constant() -> None:
     y = _randn(7, 3, seed=22)
     v_med, info = mmd2_unbiased(x, y, KernelSpec(type="rbf", bandwidth_mode="median"))
     (g_med,) = torch.autograd.grad(v_med, x)
-    v_abs, _ = mmd2_unbiased(x, y, KernelSpec(type="rbf", bandwidth=info["bandwidth"]))
+    v_abs, _ = mmd2_unbiased(
+        x, y, KernelSpec(type="rbf", bandwidth=info["bandwidth"], bandwidth_mode="absolute")
+    )
     (g_abs,) = torch.autograd.grad(v_abs, x)
     torch.testing.assert_close(g_med, g_abs, rtol=1e-10, atol=1e-12)
 

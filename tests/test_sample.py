@@ -94,6 +94,7 @@ def test_npz_and_directory_agree(pipeline: Path, tmp_path: Path) -> None:
     assert np.abs(from_pngs.astype(int) - arr.astype(int)).max() <= 1  # batch 64 vs batch 4
 
 
+@pytest.mark.threads
 def test_seed_determinism_and_batch_independence(pipeline: Path, tmp_path: Path) -> None:
     def npz(name: str, *extra: str | int) -> np.ndarray:
         path = tmp_path / f"{name}.npz"
@@ -108,9 +109,10 @@ def test_seed_determinism_and_batch_independence(pipeline: Path, tmp_path: Path)
     assert np.abs(a.astype(int) - other.astype(int)).mean() > 10
     # noise is drawn per sample: batch 4 and batch 16 give the same images (up to float rounding)
     assert np.abs(a.astype(int) - big.astype(int)).max() <= 1
-    # the first images do not depend on how many are drawn
+    # the first images do not depend on how many are drawn (a batch of 3 against one of 8: the
+    # same noise, but the convolutions may sum in another order, so one uint8 level of rounding)
     first = npz("first", "--seed", 1, "--num", 3)
-    np.testing.assert_array_equal(first, big[:3])
+    assert np.abs(first.astype(int) - big[:3].astype(int)).max() <= 1
 
     x4 = S.generate_images(pipeline, 5, num=8, seed=1, batch_size=4)
     x16 = S.generate_images(pipeline, 5, num=8, seed=1, batch_size=16)

@@ -54,6 +54,7 @@ pytestmark = [
         "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"  # inside diffusers' DPM
     ),
     pytest.mark.usefixtures("one_thread"),  # conftest.py: one torch thread per module
+    pytest.mark.threads,  # scripts/test.sh runs these with 1 and 2 torch threads
 ]
 N = 1000
 # scheduler_config.json of google/ddpm-cifar10-32 (the model MMD-DDM fine-tunes), written out inline

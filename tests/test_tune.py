@@ -99,6 +99,11 @@ def test_sweep_end_to_end_with_asha_and_a_diverging_trial(tiny_sweep: tuple[Path
     assert n == len(metrics)
     # the leaderboard and Pareto front were printed, exports load with plain diffusers
     assert "Leaderboard" in out and "Pareto front" in out and "trials.parquet" in out
+    # a quiet, informative console: Tune's table names the searched parameters and the objective,
+    # Ray's internal lines (raylet warnings, worker output, placement-group notes) stay hidden
+    table = [line for line in out.splitlines() if "finetune.lr" in line and "status" in line.lower()]
+    assert any("fid" in line for line in table), out[-3000:]  # the first table precedes any result
+    assert "(raylet)" not in out and "(pid=" not in out, out[-3000:]
     meta = json.loads((sdir / "sweep.json").read_text())
     assert meta["exports"], meta
     assert meta["baseline"] and set(meta["baseline"]) <= {"2", "3"}

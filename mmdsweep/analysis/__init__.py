@@ -16,7 +16,7 @@ without ``pyplot`` (no global figure registry, no backend switch); save them wit
     A.plot_pareto(sweep).savefig("pareto.png")
 
 A results directory holds ``trials.parquet`` and ``metrics.parquet`` (``mmdsweep.results``),
-optionally ``speed.parquet`` (``mmdsweep.inference.speed``) and ``sweep.json`` (base model, exports,
+optionally ``speed.parquet`` (``mmdsweep.results.speed``) and ``sweep.json`` (base model, exports,
 sampler, Optuna storage). See ``docs/results.md``, "Analysing results".
 """
 
@@ -33,23 +33,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from mmdsweep.inference.speed import SPEED_FILE, read_speed_table
 from mmdsweep.results import (
-    META_EXPERIMENT_NAME,
     META_PARAM_TYPES,
-    META_SWEEP_ID,
     METRICS_SCHEMA,
     PARAM_PREFIX,
     has_results,
     read_metrics,
     read_trials,
-    results_paths,
     table_metadata,
 )
+from mmdsweep.results.layout import SWEEP_FILE, SweepLayout, export_name
+from mmdsweep.results.reader import model_dirs, read_sweep_meta
+from mmdsweep.results.speed import SPEED_FILE, read_speed_table  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import duckdb
@@ -57,20 +57,7 @@ if TYPE_CHECKING:
 
     from mmdsweep.assets.models import Denoiser
 
-SWEEP_FILE = "sweep.json"
 SCORE_COLUMNS = ("best_fid", "best_kid", "final_fid", "final_kid")
-_PALETTE = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
 
 
 # --------------------------------------------------------------------------- loading
@@ -120,72 +107,6 @@ class Sweep:
 
 def _parquet_meta(path: Path) -> dict[bytes, bytes]:
     return dict(pq.read_schema(path).metadata or {})
-
-
-def read_sweep_meta(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``sweep.json`` of a results directory, completed with defaults and the Parquet metadata.
-
-    Always has the keys ``sweep_id``, ``experiment_name``, ``base_model_dir``, ``exports``
-    (``{"5": path, ...}``), ``sampler``, ``spacing``, ``optuna_storage``, ``study_name`` and
-    ``objectives``; those the file lacks are ``None`` (``{}`` for ``exports``).
-    """
-    base = Path(results_dir)
-    meta: dict[str, Any] = {}
-    path = base / SWEEP_FILE
-    if path.is_file():
-        loaded = json.loads(path.read_text())
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        meta.update(loaded)
-    pmeta = table_metadata(base, "trials")  # compacted file or newest part (a running sweep)
-    if not meta.get("sweep_id"):
-        raw = pmeta.get(META_SWEEP_ID)
-        meta["sweep_id"] = raw.decode() if raw else base.name
-    if not meta.get("experiment_name"):
-        raw = pmeta.get(META_EXPERIMENT_NAME)
-        meta["experiment_name"] = raw.decode() if raw else None
-    defaults: dict[str, Any] = {
-        "experiment_file": None,
-        "base_model_dir": None,
-        "exports": {},
-        "sampler": "ddim",
-        "spacing": "uniform",
-        "optuna_storage": None,
-        "study_name": None,
-        "objectives": ["fid"],
-    }
-    for key, value in defaults.items():
-        if meta.get(key) is None:
-            meta[key] = value
-    meta["exports"] = {str(k): v for k, v in dict(meta["exports"]).items()}
-    return meta
-
-
-def _resolve(results_dir: Path, path: str, must_exist: bool) -> str:
-    """A path of ``sweep.json``: absolute, relative to the results directory, or (base model
-    only) relative to the working directory or a Hugging Face repo id."""
-    p = Path(os.path.expanduser(path))
-    if p.is_absolute():
-        return str(p)
-    inside = results_dir / p
-    if inside.exists() or must_exist:
-        return str(inside)
-    return path
-
-
-def model_dirs(results_dir: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> dict[str, str]:
-    """Model locations named in ``sweep.json``: ``{"base": ..., "T5": ..., "T10": ...}``.
-
-    Exports are sorted by T; relative export paths are taken relative to ``results_dir``.
-    """
-    base = Path(results_dir)
-    meta = meta if meta is not None else read_sweep_meta(base)
-    out: dict[str, str] = {}
-    if meta.get("base_model_dir"):
-        out["base"] = _resolve(base, str(meta["base_model_dir"]), must_exist=False)
-    for key in sorted(meta.get("exports") or {}, key=lambda k: int(k)):
-        out[f"T{int(key)}"] = _resolve(base, str(meta["exports"][key]), must_exist=True)
-    return out
 
 
 def _param_types(results_dir: Path) -> dict[str, str]:
@@ -299,7 +220,7 @@ def speed_per_t(sweep: Sweep) -> pd.DataFrame:
         g = g.sort_values("measured_at").drop_duplicates(["model", "timesteps"], keep="last")
         for T, at_t in g.groupby("timesteps"):
             by_model = dict(zip(at_t["model"], at_t["seconds_per_image"]))
-            for name in (f"T{int(T)}", "base"):
+            for name in (export_name(int(T)), "base"):
                 if name in by_model:
                     out.append((sid, int(T), float(by_model[name]), name))
                     break
@@ -413,7 +334,7 @@ def best_per_t(sweep: Sweep) -> pd.DataFrame:
     exports = []
     for sid, T in zip(best["sweep_id"], best["timesteps"]):
         dirs = model_dirs(sweep.dirs[sid], sweep.metas[sid])
-        exports.append(dirs.get(f"T{int(T)}"))
+        exports.append(dirs.get(export_name(int(T))))
     best["export_dir"] = exports
     cols = [
         "sweep_id",
@@ -461,8 +382,13 @@ def pareto_front(df: pd.DataFrame | Sweep, x: str = "timesteps", y: str = "best_
 
 
 def _t_colors(values: Iterable[Any]) -> dict[int, str]:
+    """One colour per T from matplotlib's qualitative ``tab10`` colormap (cycled beyond 10)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps["tab10"]
     ts = sorted({int(v) for v in values if not pd.isna(v)})
-    return {t: _PALETTE[i % len(_PALETTE)] for i, t in enumerate(ts)}
+    return {t: to_hex(cmap(i % cmap.N)) for i, t in enumerate(ts)}
 
 
 def _empty_figure(message: str, figsize: tuple[float, float] = (6.0, 3.0)) -> Figure:
@@ -595,11 +521,13 @@ def _rank(values: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
-    ra, rb = _rank(np.asarray(a, dtype=float)), _rank(np.asarray(b, dtype=float))
-    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+    """Spearman rank correlation (scipy; average ranks for ties); NaN if either side is constant."""
+    from scipy.stats import spearmanr
+
+    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(xa) < 2 or np.ptp(xa) == 0 or np.ptp(xb) == 0:
         return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(xa, xb).statistic)
 
 
 def _correlation_ratio(categories: pd.Series, values: np.ndarray) -> float:
@@ -781,7 +709,8 @@ def plot_sensitivity(sens: pd.DataFrame | Sweep) -> Figure:
     ncols = 2 if len(cats) else 1
     fig = Figure(figsize=(5.5 * ncols, 0.45 * len(imp) + 1.8), layout="constrained")
     ax = fig.add_subplot(1, ncols, 1)
-    method_colors = {"optuna-fanova": "#1f77b4", "spearman": "#2ca02c", "category": "#ff7f0e"}
+    tab10 = colormaps["tab10"]
+    method_colors = {"optuna-fanova": tab10(0), "spearman": tab10(2), "category": tab10(1)}
     ax.barh(
         list(imp.index),
         imp["importance"].fillna(0.0),
@@ -824,8 +753,8 @@ def duckdb_paths(sweep: Sweep) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     for i, (sid, d) in enumerate(sweep.dirs.items()):
-        rp = results_paths(d)
-        files = {"trials": rp.trials, "metrics": rp.metrics, "speed": d / SPEED_FILE}
+        rp = SweepLayout(d)
+        files = {"trials": rp.trials, "metrics": rp.metrics, "speed": rp.speed}
         for name, path in files.items():
             if path.exists():
                 if i == 0:
@@ -890,20 +819,11 @@ def sample_grid(
 
 def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
     """Images in [-1, 1] ``(N, C, H, W)`` -> one uint8 ``(H', W', 3)`` grid, white padding."""
-    from mmdsweep.utils import to_uint8
+    from mmdsweep.utils import image_grid
 
-    imgs = to_uint8(images)
-    if imgs.shape[-1] == 1:
-        imgs = np.repeat(imgs, 3, axis=-1)
-    n, h, w, _ = imgs.shape
-    ncol = nrow or max(1, math.ceil(math.sqrt(n)))
-    nrows = math.ceil(n / ncol)
-    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y0 : y0 + h, x0 : x0 + w] = imgs[i]
-    return grid
+    ncol = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    grid = image_grid(images, nrow=ncol, pad=pad)
+    return np.repeat(grid, 3, axis=-1) if grid.shape[-1] == 1 else grid
 
 
 @dataclass

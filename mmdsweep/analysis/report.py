@@ -33,9 +33,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mmdsweep import analysis as A
-from mmdsweep.inference.generate import fail, quiet_diffusers
-from mmdsweep.results import PARAM_PREFIX, TRIALS_FILE, has_results
-from mmdsweep.utils import atomic_write_bytes
+from mmdsweep.fsio import atomic_write_bytes
+from mmdsweep.results import PARAM_PREFIX, has_results
+from mmdsweep.results.layout import SweepLayout
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -114,27 +114,43 @@ def _fmt(value: Any) -> str:
 
 
 def _table(df: pd.DataFrame, *, max_rows: int | None = None) -> str:
-    """An HTML table of ``df`` (escaped); ``param.`` prefixes dropped from the headers."""
+    """An HTML table of ``df`` (pandas' Styler, escaped); ``param.`` prefixes dropped from the headers.
+
+    Numbers are right-aligned (the table's CSS), text cells get the class ``txt`` (left-aligned).
+    """
     if df.empty:
         return '<p class="note">no rows</p>'
     shown = df.head(max_rows) if max_rows else df
     shown = shown.rename(columns=lambda c: c[len(PARAM_PREFIX) :] if str(c).startswith(PARAM_PREFIX) else c)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    numeric = [pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t) for t in shown.dtypes]
-    rows = []
-    for rec in shown.itertuples(index=False):
-        cells = "".join(
-            f"<td>{html.escape(_fmt(v))}</td>" if num else f'<td class="txt">{html.escape(_fmt(v))}</td>'
-            for v, num in zip(rec, numeric)
-        )
-        rows.append(f"<tr>{cells}</tr>")
+    shown = shown.reset_index(drop=True)
+    text = [
+        not (pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t)) for t in shown.dtypes
+    ]
+    classes = pd.DataFrame(
+        [["txt" if t else "" for t in text]] * len(shown), index=shown.index, columns=shown.columns
+    )
+    styler = (
+        shown.style.format(_fmt, escape="html", na_rep="–")
+        .format_index(escape="html", axis=1)
+        .hide(axis="index")
+        .set_td_classes(classes)
+        .set_table_attributes('class="tbl"')
+    )
+    table = styler.to_html(doctype_html=False)
     more = f'<p class="note">{len(df) - len(shown)} more rows not shown</p>' if len(shown) < len(df) else ""
-    return f'<div class="scroll"><table class="tbl"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>{more}'
+    return f'<div class="scroll">{table}</div>{more}'
 
 
 def _kv(items: Sequence[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in items)
-    return f'<table class="tbl kv"><tbody>{rows}</tbody></table>'
+    """A two-column key/value table (same Styler rendering as :func:`_table`, without a header)."""
+    df = pd.DataFrame([(k, _fmt(v)) for k, v in items], columns=["key", "value"])
+    styler = (
+        df.style.format(escape="html")
+        .hide(axis="index")
+        .hide(axis="columns")
+        .set_table_attributes('class="tbl kv"')
+    )
+    return styler.to_html(doctype_html=False)
 
 
 def _duration(seconds: float) -> str:
@@ -297,7 +313,7 @@ def _speed_section(sweep: A.Sweep) -> str:
 
 
 def _config_section(sweep: A.Sweep) -> str:
-    path = sweep.dir / "experiment.yaml"
+    path = SweepLayout(sweep.dir).experiment
     if not path.is_file():
         return '<p class="note">No experiment.yaml in the results directory.</p>'
     return f"<details><summary>experiment.yaml</summary><pre>{html.escape(path.read_text())}</pre></details>"
@@ -323,7 +339,9 @@ def build_report(
     """
     results = Path(results_dir)
     if not has_results(results):  # trials.parquet, or its parts while the sweep runs
-        raise FileNotFoundError(f"{results} has no {TRIALS_FILE}; not a sweep results directory")
+        raise FileNotFoundError(
+            f"{results} has no {SweepLayout(results).trials.name}; not a sweep results directory"
+        )
     out = Path(out_dir) if out_dir is not None else results / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     sweep = A.load_sweep(results)
@@ -379,10 +397,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="leaderboard rows (default 20)")
     parser.add_argument("--no-samples", action="store_true", help="skip the sample grids")
     args = parser.parse_args(argv)
+    trials = SweepLayout(args.results_dir).trials
     if not has_results(args.results_dir):
-        return fail(
-            f"{Path(args.results_dir) / TRIALS_FILE} not found: {args.results_dir} is not a sweep results directory"
+        print(
+            f"error: {trials} not found: {args.results_dir} is not a sweep results directory", file=sys.stderr
         )
+        return 2
+    from mmdsweep.inference.generate import quiet_diffusers  # torch and diffusers: only for the sample grids
+
     quiet_diffusers()
     t0 = time.perf_counter()
     path = build_report(

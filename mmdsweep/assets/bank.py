@@ -9,11 +9,8 @@ resolution, number of images).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +20,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mmdsweep.fsio import atomic_path
+
 __all__ = ["FeatureBank", "atomic_path", "cache_path"]
 
 _TENSOR_NAME = "features"
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; on success ``os.replace`` it onto ``final``.
-
-    If the body raises, the temporary file is removed and ``final`` is left
-    untouched, so readers never see a partially written file.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cache_path(cache_dir: str | Path, key: str, suffix: str = ".safetensors") -> Path:

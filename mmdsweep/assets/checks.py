@@ -22,9 +22,9 @@ remedy (the CLIs print it without a traceback and exit with status 2).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-import logging
 import math
 import os
 import struct
@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmdsweep import config
 from mmdsweep.config import ConfigError, Experiment, expand
 
 
@@ -306,11 +307,11 @@ def check_model(exp: Experiment, params: Sequence[Any] | None) -> str:
         assert exp.model.path is not None
         root = models.resolve_model_dir(exp.model.path, exp.model.revision)
     else:
-        from mmdsweep.train import pretrain
+        from mmdsweep.assets import pretrained
 
-        if pretrain.cached(exp) is None:
+        art = pretrained.cached(exp)
+        if art is None:
             return "model: embedded default, trained first (checked after pretraining)"
-        art = pretrain.cached(exp)
         assert art is not None
         root = Path(art.model_dir)
     unet_dir = models._find_component(root, exp.model.unet_subfolder, ("config.json",), "unet")
@@ -347,13 +348,40 @@ def check_model(exp: Experiment, params: Sequence[Any] | None) -> str:
 def check_timesteps_against(
     exp: Experiment, n: int, params: Sequence[Any] | None = None, where: str = ""
 ) -> None:
-    """Every value of ``sampler.timesteps`` (searched ones too) must be <= the model's training steps."""
-    top = max(int(v) for v in _values(exp, params, "sampler.timesteps"))
-    if top > n:
-        raise ContentError(
-            f"{exp.source}: sampler.timesteps: {top} but the model was trained with num_train_timesteps={n} "
-            f"({where}); use at most {n} steps"
-        )
+    """Every value of ``sampler.timesteps`` (searched ones too) must be <= the model's training steps
+    (the rule is :func:`mmdsweep.config.check_timesteps_against`; ``where`` names the model file)."""
+    del params  # the searched values come from exp.search.space
+    try:
+        config.check_timesteps_against(exp, n)
+    except ConfigError as e:
+        raise ContentError(f"{e} ({where})" if where else str(e)) from None
+
+
+def check_feature_names(exp: Experiment) -> None:
+    """Check that every ``torchvision:<arch>`` feature space (also in ``search.space``) names a model
+    in ``torchvision.models.list_models()``. Imports torchvision (lazily): CLIs call it after
+    :func:`load_experiment`, once importing torch is acceptable."""
+    names = [("features.train", exp.features.train), ("features.eval", exp.features.eval)]
+    names += [(f"features.extra_eval[{i}]", n) for i, n in enumerate(exp.features.extra_eval)]
+    for p in config.validate_space(exp.search.space) if exp.search.space else []:
+        if p.key in ("features.train", "features.eval"):
+            names += [(f"search.space.{p.key}", v) for v in p.choices if isinstance(v, str)]
+    wanted = [(k, n.split(":", 1)[1]) for k, n in names if n.startswith("torchvision:")]
+    if not wanted:
+        return
+    import torchvision
+
+    available = set(torchvision.models.list_models())
+    for where, arch in wanted:
+        if arch not in available:
+            close = difflib.get_close_matches(arch, sorted(available), n=1)
+            hint = f"; did you mean 'torchvision:{close[0]}'?" if close else ""
+            raise ConfigError(
+                config._one_line(
+                    f"{exp.source}: {where}: torchvision has no model {arch!r}{hint} "
+                    "(see torchvision.models.list_models())"
+                )
+            )
 
 
 # ----------------------------------------------------------------------------- feature weights
@@ -412,30 +440,16 @@ def check_feature_files(exp: Experiment, names: Iterable[str], src_classifier: s
 def check_resources(exp: Experiment, *, cluster: dict[str, float] | None = None) -> str:
     """Whether one trial fits the machine (or the Ray cluster at ``resources.address``).
 
-    ``cluster`` (``{"CPU": n, "GPU": m}``) overrides what is measured; by default this machine
-    (``resources.num_cpus`` or ``os.cpu_count()``, ``torch.cuda.device_count()``), or
-    ``ray.cluster_resources()`` when an address is configured.
+    ``cluster`` (``{"CPU": n, "GPU": m}``) is what the cluster at ``resources.address`` offers
+    (the sweep layer reads it: :func:`mmdsweep.sweep.raytrain.cluster_resources`); without an
+    address, this machine is measured (``resources.num_cpus`` or ``os.cpu_count()``,
+    ``torch.cuda.device_count()``).
     """
     r = exp.resources
     where = f"{exp.source}: "
     if cluster is None:
         if r.address and r.address != "local":
-            import ray
-
-            started = not ray.is_initialized()
-            try:
-                if started:
-                    ray.init(address=r.address, logging_level=logging.ERROR, log_to_driver=False)
-                cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
-                if started:
-                    ray.shutdown()  # the sweep connects with its own settings later
-            except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...
-                raise ContentError(
-                    f"{where}resources.address: cannot reach the Ray cluster at {r.address!r} "
-                    f"({type(e).__name__}: {_first_line(e)}); start it (`ray up cluster.yaml` or "
-                    "`ray start --head`) or remove resources.address to run on this machine"
-                ) from None
-            what = f"the Ray cluster at {r.address}"
+            raise ValueError("check_resources: pass cluster= (mmdsweep.sweep.raytrain.cluster_resources)")
         else:
             import torch
 
@@ -520,6 +534,7 @@ def check_content(
     exp: Experiment, params: Sequence[Any] | None = None, *, progress: bool = True
 ) -> list[str]:
     """Every content check of this module, in order of cost; lines for ``--dry-run``."""
+    check_feature_names(exp)
     lines = [check_output_dirs(exp)]
     summary, n = check_data(exp, progress=progress)
     lines.append(f"data content: {summary}")
@@ -529,9 +544,9 @@ def check_content(
     names.update(str(v) for v in _searched(params, "features.train"))
     clf = None
     if exp.model.source == "pretrain":
-        from mmdsweep.train import pretrain
+        from mmdsweep.assets import pretrained
 
-        art = pretrain.cached(exp)
+        art = pretrained.cached(exp)
         clf = str(art.classifier_path) if art is not None and art.classifier_path.is_file() else None
     lines += check_feature_files(exp, names, clf)
     return lines

@@ -18,6 +18,7 @@ import torch
 
 from mmdsweep.assets import data as data_mod
 from mmdsweep.assets import features as feat_mod
+from mmdsweep.assets import pretrained
 from mmdsweep.assets.bank import FeatureBank
 from mmdsweep.assets.metrics import ReferenceStats, load_or_compute_reference
 from mmdsweep.assets.models import DTYPES, Denoiser, check_model_path, load_denoiser
@@ -37,25 +38,46 @@ class ModelSource:
     classifier_path: str | None
 
 
-def resolve_model_source(exp: Experiment, *, allow_pretrain: bool = True) -> ModelSource:
-    """The pretrained model directory (training the embedded default's DDPM if needed)."""
+def resolve_model_source(exp: Experiment) -> ModelSource:
+    """The pretrained model directory (looked up only: it never trains).
+
+    For the embedded default, call :func:`mmdsweep.train.pretrain.resolve_model_source` where
+    training the DDPM first is wanted.
+    """
     if exp.model.source == "diffusers":
         assert exp.model.path is not None
         return ModelSource(exp.model.path, exp.features.classifier_path)
-    from mmdsweep.train import pretrain
-
-    art = pretrain.cached(exp)
+    art = pretrained.cached(exp)
     if art is None:
-        if not allow_pretrain:
-            raise FileNotFoundError(
-                f"{exp.source}: the pretrained model is not cached at {pretrain.pretrain_dir(exp)}; "
-                f"run `python -m mmdsweep.pretrain {exp.source}` first"
-            )
-        art = pretrain.run_pretrain(exp)
+        raise FileNotFoundError(
+            f"{exp.source}: the pretrained model is not cached at {pretrained.pretrain_dir(exp)}; "
+            f"run `python -m mmdsweep.pretrain {exp.source}` first"
+        )
     clf = exp.features.classifier_path or (
         str(art.classifier_path) if art.classifier_path.is_file() else None
     )
     return ModelSource(str(art.model_dir), clf)
+
+
+def _spec_choices(spec: Any) -> list[Any]:
+    """The ``choice`` values of one search-space spec (a YAML mapping or a typed object)."""
+    if isinstance(spec, dict):
+        values = spec.get("choice")
+    else:
+        values = getattr(spec, "choice", None) or getattr(spec, "choices", None)
+    return list(values) if isinstance(values, (list, tuple)) else []
+
+
+def train_space_names(exp: Experiment) -> list[str]:
+    """Every training feature space a run of ``exp`` may use: ``features.train`` and, when the
+    sweep searches it, each of its choices (in every branch of a conditional spec). The one
+    answer to "is ``features.train`` searched?" (banks are precomputed and files checked for each)."""
+    names = {exp.features.train}
+    space = exp.search.space if isinstance(exp.search.space, dict) else {}
+    spec = space.get("features.train")
+    for branch in spec if isinstance(spec, list) else [spec] if spec is not None else []:
+        names.update(str(c) for c in _spec_choices(branch))
+    return sorted(names)
 
 
 def load_model(exp: Experiment, src: ModelSource, device: torch.device) -> Denoiser:
@@ -111,21 +133,42 @@ def _maybe_seed_torchvision(exp: Experiment, name: str) -> None:
         feat_mod.seed_torchvision_cache(exp.features.torch_home)
 
 
-def real_dataset(exp: Experiment, channels: int | None = None) -> Any:
+def real_dataset(exp: Experiment, channels: int | None = None, *, split: str | None = None) -> Any:
+    """The experiment's real images (``data.split`` unless ``split`` is given).
+
+    The one place a dataset is built from a config: ``exp.seed`` draws the seeded train/test
+    permutation where the dataset has one (digits), so every split of one experiment (training
+    bank, pretraining, held-out accuracy) comes from the same permutation and never overlaps.
+    """
     return data_mod.build_dataset(
         exp.data.dataset,
         root=exp.data.root,
         resolution=exp.data.resolution,
-        split=exp.data.split,
-        max_images=exp.data.max_images,
+        split=split or exp.data.split,
+        max_images=exp.data.max_images if split is None else None,
         seed=exp.seed,
         channels=channels if channels is not None else exp.data.channels,
     )
 
 
-def real_dataset_id(exp: Experiment) -> str:
+def heldout_dataset(exp: Experiment, channels: int | None = None) -> Any:
+    """The held-out (``test``) part of the experiment's seeded split, disjoint from :func:`real_dataset`."""
+    return real_dataset(exp, channels, split="test")
+
+
+def real_dataset_id(exp: Experiment, channels: int | None = None) -> str:
+    """Cache-key id of :func:`real_dataset`'s content: the same arguments, so the same key parts.
+
+    Includes ``exp.seed`` (it decides the digits split) and the channel count.
+    """
     return data_mod.dataset_id(
-        exp.data.dataset, exp.data.root, exp.data.resolution, exp.data.split, exp.data.max_images
+        exp.data.dataset,
+        exp.data.root,
+        exp.data.resolution,
+        exp.data.split,
+        exp.data.max_images,
+        seed=exp.seed,
+        channels=channels if channels is not None else exp.data.channels,
     )
 
 
@@ -138,7 +181,7 @@ def build_bank(
 ) -> FeatureBank:
     """Real-image features in the training space, computed once per (data, space, resolution)."""
     ds = real_dataset(exp, channels)
-    key = _key("bank", real_dataset_id(exp), space_key, exp.data.resolution, channels)
+    key = _key("bank", real_dataset_id(exp, channels), space_key, exp.data.resolution, channels)
     return FeatureBank.build(
         ds,
         space,
@@ -154,7 +197,14 @@ def build_reference(
     exp: Experiment, space: torch.nn.Module, space_key: str, channels: int, device: torch.device
 ) -> ReferenceStats:
     """Reference statistics (FID mean/covariance, KID features) in an evaluation space, cached."""
-    key = _key("ref", real_dataset_id(exp), space_key, exp.data.resolution, channels, exp.eval.num_reference)
+    key = _key(
+        "ref",
+        real_dataset_id(exp, channels),
+        space_key,
+        exp.data.resolution,
+        channels,
+        exp.eval.num_reference,
+    )
 
     def compute() -> Any:
         ds = real_dataset(exp, channels)
@@ -215,14 +265,9 @@ def preflight(exp: Experiment, *, collect: bool = False) -> list[str]:
         path = exp.model.path
         attempt("model", lambda: f"{check_model_path(path, exp.model.unet_subfolder, exp.model.revision)} ok")
     else:
-        from mmdsweep.train import pretrain
-
-        state = "cached" if pretrain.cached(exp) else "will be trained first"
-        lines.append(f"model: embedded default DDPM ({state}: {pretrain.pretrain_dir(exp)})")
-    names = {exp.features.train, exp.features.eval, *exp.features.extra_eval}
-    space = exp.search.space.get("features.train") if isinstance(exp.search.space, dict) else None
-    if isinstance(space, dict) and isinstance(space.get("choice"), list):
-        names.update(str(c) for c in space["choice"])
+        state = "cached" if pretrained.cached(exp) else "will be trained first"
+        lines.append(f"model: embedded default DDPM ({state}: {pretrained.pretrain_dir(exp)})")
+    names = {*train_space_names(exp), exp.features.eval, *exp.features.extra_eval}
     for name in sorted(names):
         attempt("features", lambda name=name: check_feature_weights(exp, name))
     if problems:

@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 from typing_extensions import Self
 
 from mmdsweep.assets.classifier import DomainClassifier, MissingWeightsError, load_classifier
+from mmdsweep.fsio import atomic_path
 
 __all__ = [
     "FEATURE_SPACES",
@@ -659,16 +659,8 @@ def seed_torchvision_cache(torch_home: str | None = None) -> Path:
     expected = _hash_prefix(target.name)
     if expected and not _sha256(source).startswith(expected):
         raise ValueError(f"{source} does not match the sha256 prefix {expected} torchvision expects")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=target.name, suffix=".tmp", delete=False
-    ) as tmp:
-        staging = Path(tmp.name)
-    try:
+    with atomic_path(target) as staging:
         shutil.copyfile(source, staging)
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
     return target
 
 

@@ -28,7 +28,8 @@ import numpy as np
 from cleanfid.fid import frechet_distance, kernel_distance
 from scipy import linalg
 
-from mmdsweep.assets.bank import atomic_path, cache_path
+from mmdsweep.assets.bank import cache_path
+from mmdsweep.fsio import atomic_path
 
 __all__ = [
     "MetricWarning",

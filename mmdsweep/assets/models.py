@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,9 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 
+from mmdsweep.core.dtypes import DTYPES  # noqa: E402,F401  (re-exported)
 from mmdsweep.core.sampling import NoiseSchedule  # noqa: E402
+from mmdsweep.fsio import atomic_dir, replace_dir  # noqa: E402,F401  (replace_dir re-exported)
 
 # diffusers' advice about `accelerate` and float32 modules is noise for these small, local loads
 diffusers_logging.set_verbosity_error()
@@ -204,33 +204,13 @@ def save_denoiser(
     leaves a half-written model where a complete one was.
     """
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        assert isinstance(unet, UNet2DModel)
+    assert isinstance(unet, UNet2DModel)
+    with atomic_dir(final) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing ``dst`` with as small a window as possible."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

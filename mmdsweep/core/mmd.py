@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -178,15 +178,28 @@ class KernelSpec:
         Ignored by the polynomial kernel.
     """
 
+    # the defaults are those of the experiment's ``kernel:`` section (mmdsweep.config.KernelConfig);
+    # tests/test_architecture.py checks that they agree
     type: KernelType = "polynomial"
     degree: int = 3
     gamma: float | None = None
     coef0: float = 1.0
     bandwidth: float = 1.0
-    bandwidth_mode: BandwidthMode = "absolute"
-    bandwidths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    bandwidth_mode: BandwidthMode = "median"
+    bandwidths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     imq_c: float = 1.0
     imq_beta: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> KernelSpec:
+        """The one conversion from a configuration's ``kernel:`` section (any object with the
+        attributes): every field of :class:`KernelSpec` it has is copied, the rest keep their
+        defaults. ``float64`` is not a kernel property but an argument of :func:`mmd2_unbiased`."""
+        names = [f.name for f in fields(cls)]
+        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+        if "bandwidths" in values:
+            values["bandwidths"] = list(values["bandwidths"])
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.type not in KERNEL_TYPES:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from mmdsweep.assets.models import load_denoiser, replace_dir
+from mmdsweep.assets.models import load_denoiser
+from mmdsweep.fsio import atomic_dir
 
 
 def export_pipeline(
@@ -46,9 +45,7 @@ def export_pipeline(
     scheduler = DDIMScheduler.from_config(sched_cfg)
     pipe = DDIMPipeline(unet=den.unet, scheduler=scheduler)
     final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         meta = {
             "num_inference_steps": int(T),
@@ -62,8 +59,4 @@ def export_pipeline(
             if key in state:
                 meta[key] = state[key]
         (tmp / "mmdsweep.json").write_text(json.dumps(meta, indent=2, default=float))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

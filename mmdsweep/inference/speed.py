@@ -27,45 +27,31 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import torch
 
+from mmdsweep.core.dtypes import DTYPES
 from mmdsweep.core.sampling import SAMPLERS, sample, select_timesteps
 from mmdsweep.inference.generate import fail, prepare_model
-from mmdsweep.results import SCHEMA_VERSION, TIMESTAMP_TYPE, atomic_write_table, read_table
+from mmdsweep.results.layout import SweepLayout, export_name
+from mmdsweep.results.reader import model_dirs, read_sweep_meta
+from mmdsweep.results.speed import (  # noqa: F401  (the table's names stay importable from here)
+    SPEED_FILE,
+    SPEED_KEY,
+    SPEED_SCHEMA,
+    read_speed_table,
+    speed_metadata,
+    write_speed_table,
+)
+from mmdsweep.results.speed import (
+    speed_frame as _frame,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from mmdsweep.assets.models import Denoiser
 
-SPEED_FILE = "speed.parquet"
 DEFAULT_TIMESTEPS: tuple[int, ...] = (5, 10, 20, 50)
-
-SPEED_SCHEMA = pa.schema(
-    [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("model_dir", pa.string()),
-        pa.field("sampler", pa.string(), nullable=False),
-        pa.field("spacing", pa.string(), nullable=False),
-        pa.field("eta", pa.float64()),
-        pa.field("timesteps", pa.int64(), nullable=False),
-        pa.field("device", pa.string(), nullable=False),
-        pa.field("device_name", pa.string()),
-        pa.field("dtype", pa.string(), nullable=False),
-        pa.field("batch_size", pa.int64(), nullable=False),
-        pa.field("num_images", pa.int64(), nullable=False),
-        pa.field("warmup", pa.int64()),
-        pa.field("seconds_per_image", pa.float64(), nullable=False),
-        pa.field("measured_at", TIMESTAMP_TYPE, nullable=False),
-    ]
-)
-"""Schema of ``speed.parquet`` (without the file metadata)."""
-
-SPEED_KEY = ("model", "sampler", "spacing", "timesteps", "device", "dtype")
-"""Columns identifying a measurement; a newer row with the same key replaces an older one."""
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def device_name(device: torch.device) -> str:
@@ -115,12 +101,12 @@ def measure_sampling_speed(
         raise ValueError(
             f"batch_size={batch_size}, num_images={num_images} must be >= 1, warmup={warmup} >= 0"
         )
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     ts_list = [int(t) for t in timesteps]
     if not ts_list:
         raise ValueError("timesteps: expected at least one value")
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     den, eps, dev, shape = prepare_model(model_dir, device, torch_dtype)
     gen = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn((batch_size, *shape), generator=gen).to(device=dev, dtype=torch_dtype)
@@ -172,87 +158,6 @@ def _is_denoiser(obj: Any) -> bool:
     return isinstance(obj, Denoiser)
 
 
-def _frame(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with exactly the speed columns, typed as :func:`read_speed_table` returns them."""
-    return _to_table(df).to_pandas(types_mapper=_int64_mapper)
-
-
-def _int64_mapper(arrow_type: pa.DataType) -> Any:
-    import pandas as pd
-
-    return pd.Int64Dtype() if pa.types.is_integer(arrow_type) else None
-
-
-def _to_table(df: pd.DataFrame, metadata: dict[bytes, bytes] | None = None) -> pa.Table:
-    """Arrow table in :data:`SPEED_SCHEMA` from a DataFrame (missing nullable columns are null)."""
-    missing = [f.name for f in SPEED_SCHEMA if f.name not in df.columns and not f.nullable]
-    if missing:
-        raise ValueError(f"speed table lacks required column(s) {missing}")
-    columns: dict[str, Any] = {}
-    for f in SPEED_SCHEMA:
-        if f.name not in df.columns:
-            columns[f.name] = pa.nulls(len(df), type=f.type)
-            continue
-        values = df[f.name]
-        if f.name == "measured_at":
-            import pandas as pd
-
-            values = pd.to_datetime(values, utc=True)
-        columns[f.name] = pa.array(values, type=f.type, from_pandas=True)
-    schema = SPEED_SCHEMA.with_metadata(metadata) if metadata else SPEED_SCHEMA
-    return pa.Table.from_pydict(columns, schema=schema)
-
-
-def speed_metadata(sweep_id: str | None = None) -> dict[bytes, bytes]:
-    """Key-value metadata of ``speed.parquet``."""
-    meta = {
-        b"mmdsweep.schema_version": SCHEMA_VERSION.encode(),
-        b"mmdsweep.table": b"speed",
-        b"mmdsweep.torch_version": torch.__version__.encode(),
-    }
-    if sweep_id:
-        meta[b"mmdsweep.sweep_id"] = sweep_id.encode()
-    return meta
-
-
-def read_speed_table(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``speed.parquet`` of a results directory (integers as ``Int64``); empty if there is none."""
-    path = Path(results_dir) / SPEED_FILE
-    if not path.exists():
-        return SPEED_SCHEMA.empty_table().to_pandas(types_mapper=_int64_mapper)
-    return read_table(path).to_pandas(types_mapper=_int64_mapper)
-
-
-def write_speed_table(
-    results_dir: str | os.PathLike[str],
-    df: pd.DataFrame,
-    *,
-    merge: bool = True,
-    sweep_id: str | None = None,
-) -> Path:
-    """Write ``df`` (rows of :func:`measure_sampling_speed`) to ``RESULTS_DIR/speed.parquet``.
-
-    The file is replaced atomically. With ``merge`` (the default) rows already in the file are
-    kept unless ``df`` has a row with the same :data:`SPEED_KEY`, which replaces them. Rows are
-    sorted by model, sampler and timesteps. Returns the path written.
-    """
-    import pandas as pd
-
-    path = Path(results_dir) / SPEED_FILE
-    new = _frame(df)
-    if merge and path.exists():
-        old = read_speed_table(results_dir)
-        if sweep_id is None:
-            raw = (read_table(path).schema.metadata or {}).get(b"mmdsweep.sweep_id")
-            sweep_id = raw.decode() if raw else None
-        keys = set(map(tuple, new[list(SPEED_KEY)].astype(str).to_numpy().tolist()))
-        keep = [tuple(r) not in keys for r in old[list(SPEED_KEY)].astype(str).to_numpy().tolist()]
-        new = pd.concat([old[keep], new], ignore_index=True) if any(keep) else new
-    new = new.sort_values(["model", "sampler", "spacing", "timesteps", "device"], kind="stable")
-    atomic_write_table(_to_table(new.reset_index(drop=True), speed_metadata(sweep_id)), path)
-    return path
-
-
 def measure_sweep_speed(
     results_dir: str | os.PathLike[str],
     timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
@@ -267,8 +172,6 @@ def measure_sweep_speed(
     exported T, and every export ``"T{T}"`` of ``sweep.json`` at its own T, with the sweep's
     sampler and spacing."""
     import pandas as pd
-
-    from mmdsweep.analysis import model_dirs, read_sweep_meta
 
     meta = read_sweep_meta(results_dir)
     sampler = str(meta.get("sampler") or "ddim")
@@ -294,7 +197,7 @@ def measure_sweep_speed(
     if "base" in dirs:
         frames.append(measure(dirs["base"], sorted(set(timesteps) | set(exported)), "base"))
     for T in exported:
-        frames.append(measure(dirs[f"T{T}"], [T], f"T{T}"))
+        frames.append(measure(dirs[export_name(T)], [T], export_name(T)))
     if not frames:
         raise FileNotFoundError(f"{results_dir}: sweep.json names no base model and no exports")
     return pd.concat(frames, ignore_index=True)
@@ -311,9 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args(argv)
-    if not (Path(args.results_dir) / "sweep.json").is_file():
+    if not SweepLayout(args.results_dir).sweep_json.is_file():
         return fail(f"{args.results_dir}/sweep.json not found: not a sweep results directory")
     t0 = time.perf_counter()
     df = measure_sweep_speed(
@@ -325,8 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         dtype=args.dtype,
     )
-    from mmdsweep.analysis import read_sweep_meta
-
     path = write_speed_table(args.results_dir, df, sweep_id=read_sweep_meta(args.results_dir).get("sweep_id"))
     for row in df.itertuples():
         ms = 1000 * float(row.seconds_per_image)  # type: ignore[arg-type]

@@ -15,7 +15,6 @@ fsynced and renamed, so a reader never sees a partial file; parts are never rewr
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import uuid
@@ -25,8 +24,9 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TRIALS_FILE = "trials.parquet"
-METRICS_FILE = "metrics.parquet"
+from mmdsweep.fsio import atomic_path
+from mmdsweep.results.layout import METRICS_FILE, TRIALS_FILE
+
 TABLES = ("trials", "metrics")
 WAL_DIR = ".results-wal"
 MAX_SEQ = 999_999_999
@@ -91,38 +91,15 @@ def new_token() -> str:
 
 
 def atomic_write_table(table: pa.Table, path: str | os.PathLike[str], **write_options: Any) -> None:
-    """Write ``table`` as Parquet to ``path`` atomically.
+    """Write ``table`` as Parquet to ``path`` atomically (:func:`mmdsweep.fsio.atomic_path`).
 
-    The table is written to a hidden temporary file (``.<name>.<random>.tmp``: no glob of
-    ``*.parquet`` and no pyarrow dataset picks it up) in the same directory, fsynced and moved
-    over ``path`` with :func:`os.replace`; the directory is fsynced after. If anything fails the
-    temporary file is removed and ``path`` keeps its previous content. Extra keyword arguments
-    go to :func:`pyarrow.parquet.write_table`.
+    The temporary file is hidden (``.<name>.<random>.tmp``: no glob of ``*.parquet`` and no
+    pyarrow dataset picks it up), fsynced and moved over ``path``; the directory is fsynced
+    after. If anything fails ``path`` keeps its previous content. Extra keyword arguments go to
+    :func:`pyarrow.parquet.write_table`.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:  # "x": never clobber; permissions follow the umask
-            pq.write_table(table, fh, **write_options)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(target.parent)
-
-
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """Persist a rename in ``directory`` (best effort; not all systems allow it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **write_options)
 
 
 def read_parquet_file(path: str | os.PathLike[str]) -> pa.Table:

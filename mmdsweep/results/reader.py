@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdsweep.results import files
+from mmdsweep.results.layout import export_name, read_sweep_json
 from mmdsweep.results.schema import (
     META_COMPACTED_THROUGH,
     META_SCHEMA_VERSION,
@@ -220,3 +221,74 @@ def read_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
 def read_metrics(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The sweep's reports (one row per trial and step) as a DataFrame (integers as ``Int64``)."""
     return read_results_table(results_dir, "metrics").to_pandas(types_mapper=_pandas_type)
+
+
+# ----------------------------------------------------------------------------- sweep.json
+
+
+def _parquet_meta(path: Path) -> dict[bytes, bytes]:
+    import pyarrow.parquet as pq
+
+    return dict(pq.read_schema(path).metadata or {})
+
+
+def read_sweep_meta(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``sweep.json`` of a results directory, completed with defaults and the Parquet metadata.
+
+    Always has the keys ``sweep_id``, ``experiment_name``, ``base_model_dir``, ``exports``
+    (``{"5": path, ...}``), ``sampler``, ``spacing``, ``optuna_storage``, ``study_name`` and
+    ``objectives``; those the file lacks are ``None`` (``{}`` for ``exports``).
+    """
+    from mmdsweep.results.schema import META_EXPERIMENT_NAME, META_SWEEP_ID
+
+    base = Path(results_dir)
+    meta: dict[str, Any] = dict(read_sweep_json(base) or {})
+    pmeta = table_metadata(base, "trials")  # compacted file or newest part (a running sweep)
+    if not meta.get("sweep_id"):
+        raw = pmeta.get(META_SWEEP_ID)
+        meta["sweep_id"] = raw.decode() if raw else base.name
+    if not meta.get("experiment_name"):
+        raw = pmeta.get(META_EXPERIMENT_NAME)
+        meta["experiment_name"] = raw.decode() if raw else None
+    defaults: dict[str, Any] = {
+        "experiment_file": None,
+        "base_model_dir": None,
+        "exports": {},
+        "sampler": "ddim",
+        "spacing": "uniform",
+        "optuna_storage": None,
+        "study_name": None,
+        "objectives": ["fid"],
+    }
+    for key, value in defaults.items():
+        if meta.get(key) is None:
+            meta[key] = value
+    meta["exports"] = {str(k): v for k, v in dict(meta["exports"]).items()}
+    return meta
+
+
+def _resolve(results_dir: Path, path: str, must_exist: bool) -> str:
+    """A path of ``sweep.json``: absolute, relative to the results directory, or (base model
+    only) relative to the working directory or a Hugging Face repo id."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute():
+        return str(p)
+    inside = results_dir / p
+    if inside.exists() or must_exist:
+        return str(inside)
+    return path
+
+
+def model_dirs(results_dir: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> dict[str, str]:
+    """Model locations named in ``sweep.json``: ``{"base": ..., "T5": ..., "T10": ...}``.
+
+    Exports are sorted by T; relative export paths are taken relative to ``results_dir``.
+    """
+    base = Path(results_dir)
+    meta = meta if meta is not None else read_sweep_meta(base)
+    out: dict[str, str] = {}
+    if meta.get("base_model_dir"):
+        out["base"] = _resolve(base, str(meta["base_model_dir"]), must_exist=False)
+    for key in sorted(meta.get("exports") or {}, key=lambda k: int(k)):
+        out[export_name(int(key))] = _resolve(base, str(meta["exports"][key]), must_exist=True)
+    return out

@@ -71,8 +71,16 @@ def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
     object_store_memory: int | None = None,
+    *,
+    verbose: bool = False,
 ) -> None:
     """Connect to Ray once per process.
+
+    Unless ``verbose``, Ray's own chatter is hidden (:func:`quiet_ray`): the driver's ``ray``
+    loggers at ERROR, worker and raylet output not forwarded to the driver's console (raylet
+    worker-count warnings, actor-restart notes, placement-group cleanup lines; they stay in
+    Ray's session logs), and repeated log lines deduplicated. Tune's progress table is printed
+    by the driver and is not affected.
 
     With ``address`` (a ``ray://``/``host:port`` address or ``"auto"``) or the
     ``RAY_ADDRESS`` environment variable, connect to that existing cluster (its
@@ -87,9 +95,10 @@ def init_ray(
 
     if ray.is_initialized():
         return
+    quiet = {} if verbose else quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         _warn_without_state_api()
         return
     ray.init(
@@ -97,6 +106,92 @@ def init_ray(
         num_cpus=num_cpus,
         object_store_memory=object_store_memory,
         include_dashboard=True,
+        **quiet,
+    )
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """What the Ray cluster at ``address`` offers (``ray.cluster_resources()``), connecting briefly.
+
+    Raises:
+        ContentError: the cluster cannot be reached (one line, with the remedy).
+    """
+    import ray
+
+    from mmdsweep.assets.checks import ContentError
+
+    started = not ray.is_initialized()
+    try:
+        if started:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        return {k: float(v) for k, v in ray.cluster_resources().items()}
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ContentError(
+            f"resources.address: cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {first}); "
+            "start it (`ray up cluster.yaml` or `ray start --head`) or remove resources.address to run on "
+            "this machine"
+        ) from None
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()  # the sweep connects with its own settings later
+
+
+def quiet_ray() -> dict[str, Any]:
+    """Hide Ray's internal console output in this driver; returns the matching ``ray.init`` kwargs."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("ray", "ray.tune", "ray.train", "ray.data", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    _filter_raylet_notes()
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+# raylet notes that say nothing about the sweep (Ray 2.60 prints them through the driver's error
+# listener, which log_to_driver does not cover); other raylet messages (OOM kills...) still show
+_RAYLET_NOISE = (
+    "worker processes have been started",
+    "placement group",
+    "restart",
+)
+
+
+def _filter_raylet_notes() -> None:
+    """Drop the raylet's routine notes from the driver's console (private Ray API; best effort)."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_mmdsweep_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and any(n in str(line) for line in lines for n in _RAYLET_NOISE):
+            return
+        original(data, ignore_prefix)
+
+    filtered._mmdsweep_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
+
+
+def progress_reporter(param_keys: Sequence[str], metrics: Sequence[str], modes: Sequence[str]) -> Any:
+    """Tune's console table with the searched parameters and the objective metric(s) as columns.
+
+    Uses Tune's classic table (``RAY_AIR_NEW_OUTPUT=0``): the newer output only shows parameters
+    declared as a Tune ``param_space``, while ours come from the Optuna searcher.
+    """
+    from ray.tune import CLIReporter
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    columns = {"training_iteration": "evals"} | {m: m for m in metrics if m != "timesteps"}
+    return CLIReporter(
+        parameter_columns=list(dict.fromkeys(param_keys)),
+        metric_columns=columns,
+        max_report_frequency=30,
+        sort_by_metric=True,
+        metric=metrics[0] if len(metrics) == 1 else None,
+        mode=modes[0] if len(metrics) == 1 else None,
     )
 
 
@@ -529,6 +624,9 @@ def run_sweep(
                 "callbacks": list(callbacks) if callbacks else None,
                 "max_failures": trial_max_failures,
                 "verbose": verbose,
+                "progress_reporter": (
+                    progress_reporter([p.key for p in params], metrics, modes) if verbose != 0 else None
+                ),
             },
         )
     results = tuner.fit()
@@ -689,6 +787,7 @@ def _new_tuner(
             callbacks=run_kwargs["callbacks"],
             failure_config=tune.FailureConfig(max_failures=run_kwargs["max_failures"]),
             verbose=run_kwargs["verbose"],
+            progress_reporter=run_kwargs.get("progress_reporter"),
         ),
     )
 

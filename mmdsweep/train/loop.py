@@ -41,7 +41,6 @@ from mmdsweep.assets.models import Denoiser, save_denoiser
 from mmdsweep.config import (
     ConfigError,
     Experiment,
-    cli_parser,
     load_experiment,
     parse_override,
     write_resolved,
@@ -50,6 +49,7 @@ from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
 from mmdsweep.core.sampling import sample, select_timesteps
 from mmdsweep.inference.evaluation import EvalResult, Evaluator
 from mmdsweep.train import distributed as dist_utils
+from mmdsweep.train import pretrain
 from mmdsweep.train.reporting import LocalReporter, Reporter
 from mmdsweep.utils import atomic_write_text, progress, resolve_device, set_threads
 
@@ -108,17 +108,8 @@ def sample_noise(
 
 
 def kernel_spec(exp: Experiment) -> KernelSpec:
-    k = exp.kernel
-    return KernelSpec(
-        type=k.type,
-        degree=k.degree,
-        gamma=k.gamma,
-        coef0=k.coef0,
-        bandwidth=k.bandwidth,
-        bandwidth_mode=k.bandwidth_mode,
-        bandwidths=list(k.bandwidths),
-        imq_c=k.imq_c,
-    )
+    """The experiment's MMD kernel (:meth:`KernelSpec.from_config`: the one conversion)."""
+    return KernelSpec.from_config(exp.kernel)
 
 
 def _effective_bandwidth(info: dict[str, Any]) -> float:
@@ -197,7 +188,7 @@ class Setup:
 def build_setup(
     exp: Experiment, device: torch.device, *, evaluate: bool, allow_pretrain: bool = True
 ) -> Setup:
-    src = comp.resolve_model_source(exp, allow_pretrain=allow_pretrain)
+    src = pretrain.resolve_model_source(exp) if allow_pretrain else comp.resolve_model_source(exp)
     den = comp.load_model(exp, src, device)
     if den.resolution != exp.data.resolution:
         raise ConfigError(
@@ -488,15 +479,9 @@ def format_result(label: str, r: EvalResult | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = cli_parser(
-        "python -m mmdsweep.finetune",
-        "Run one MMD-DDM fine-tuning run in this process (the loop that Ray Train runs per worker).",
-    )
-    ap.add_argument("--run-dir", help="output directory (default: <output.dir>/finetune-T<T>)")
-    ap.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    ap.add_argument("--dry-run", action="store_true", help="validate the experiment and its files, then stop")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    from mmdsweep.cli_args import finetune_parser
+
+    args = finetune_parser().parse_args(argv)
     try:
         exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set))
         lines = comp.preflight(exp, collect=args.dry_run)

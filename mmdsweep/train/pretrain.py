@@ -15,67 +15,31 @@ configuration that affects them, so a second call costs nothing.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mmdsweep.assets import classifier as clf
+from mmdsweep.assets import components as comp
 from mmdsweep.assets import data as data_mod
-from mmdsweep.assets.models import build_unet, load_denoiser, replace_dir, save_denoiser, scheduler_config_for
-from mmdsweep.config import ConfigError, Experiment, cli_parser, expand, load_experiment
+from mmdsweep.assets.models import build_unet, load_denoiser, save_denoiser, scheduler_config_for
+from mmdsweep.assets.pretrained import (  # noqa: F401  (re-exported: the cache lookup lives in assets)
+    PRETRAIN_VERSION,
+    PretrainArtifacts,
+    cached,
+    pretrain_dir,
+    pretrain_key,
+)
+from mmdsweep.config import ConfigError, Experiment, load_experiment
 from mmdsweep.core.sampling import NoiseSchedule, sample, select_timesteps
+from mmdsweep.fsio import atomic_dir
 from mmdsweep.utils import progress, save_grid, set_threads
-
-PRETRAIN_VERSION = "1"
-
-
-@dataclass
-class PretrainArtifacts:
-    """Paths of a finished pretraining (all inside one cache directory)."""
-
-    directory: Path
-    model_dir: Path
-    classifier_path: Path
-    grid_path: Path
-    info: dict[str, Any]
-
-
-def pretrain_key(exp: Experiment) -> str:
-    """Hash of everything that changes the pretrained DDPM and classifier."""
-    p = asdict(exp.pretrain)
-    p.pop("cache_dir")
-    payload = {
-        "version": PRETRAIN_VERSION,
-        "pretrain": p,
-        "data": {
-            k: getattr(exp.data, k)
-            for k in ("dataset", "root", "resolution", "split", "max_images", "channels")
-        },
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pretrain_dir(exp: Experiment) -> Path:
-    return expand(exp.pretrain.cache_dir) / "pretrain" / f"{exp.data.dataset}-{pretrain_key(exp)}"
-
-
-def cached(exp: Experiment) -> PretrainArtifacts | None:
-    d = pretrain_dir(exp)
-    info_path = d / "info.json"
-    if not info_path.is_file():
-        return None
-    info = json.loads(info_path.read_text())
-    return PretrainArtifacts(d, d / "model", d / "classifier.safetensors", d / "samples_ddim50.png", info)
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -144,17 +108,12 @@ def run_pretrain(exp: Experiment, *, force: bool = False, show_progress: bool = 
             return hit
     set_threads(exp.finetune.threads)
     t0 = time.time()
-    from mmdsweep.assets.components import real_dataset
-
-    ds = real_dataset(exp)
+    ds = comp.real_dataset(exp)
     images, labels = data_mod.load_tensor(ds)
     ema, info = train_ddpm(images, exp, show_progress=show_progress)
     t_ddpm = time.time() - t0
 
-    final = pretrain_dir(exp)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(pretrain_dir(exp)) as tmp:
         save_denoiser(tmp / "model", ema, info["scheduler_config"])
         # classifier: trained on the labelled split, accuracy measured on held-out data
         t1 = time.time()
@@ -163,11 +122,9 @@ def run_pretrain(exp: Experiment, *, force: bool = False, show_progress: bool = 
             classifier = clf.train_classifier(
                 images, labels, steps=exp.pretrain.classifier_steps, seed=exp.pretrain.seed
             )
-            if exp.data.dataset == "digits":
-                test = data_mod.build_dataset(
-                    "digits", resolution=exp.data.resolution, split="test", channels=exp.data.channels
-                )
-                xt, yt = data_mod.load_tensor(test)
+            if exp.data.dataset == "digits" and exp.data.split == "train":
+                # the held-out part of the same seeded split the DDPM was trained on (disjoint from it)
+                xt, yt = data_mod.load_tensor(comp.heldout_dataset(exp))
                 acc = clf.accuracy(classifier, xt, yt)
             clf.save_classifier(classifier, tmp / "classifier.safetensors")
         t_clf = time.time() - t1
@@ -197,23 +154,26 @@ def run_pretrain(exp: Experiment, *, force: bool = False, show_progress: bool = 
             "config": {"pretrain": asdict(exp.pretrain), "data": asdict(exp.data)},
         }
         (tmp / "info.json").write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     hit = cached(exp)
     assert hit is not None
     return hit
 
 
+def resolve_model_source(exp: Experiment) -> comp.ModelSource:
+    """The pretrained model of ``exp``, training the embedded default's DDPM first if it is not cached.
+
+    The asset layer's :func:`mmdsweep.assets.components.resolve_model_source` only looks things up;
+    callers that may train go through this function.
+    """
+    if exp.model.source == "pretrain" and cached(exp) is None:
+        run_pretrain(exp)
+    return comp.resolve_model_source(exp)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = cli_parser(
-        "python -m mmdsweep.pretrain",
-        "Train (or fetch from the cache) the embedded default's DDPM and domain classifier.",
-    )
-    ap.add_argument("--force", action="store_true", help="retrain even if a cached result exists")
-    ap.add_argument("--dry-run", action="store_true", help="validate the experiment and stop")
-    args = ap.parse_args(argv)
+    from mmdsweep.cli_args import pretrain_parser
+
+    args = pretrain_parser().parse_args(argv)
     from mmdsweep.config import parse_override
 
     try:
