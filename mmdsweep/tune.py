@@ -483,7 +483,7 @@ def _base_model_dir(exp: Experiment, model_dir: str) -> str:
     """The base model's directory for sweep.json: a hub repository id resolves to its cached snapshot."""
     if "://" in model_dir:
         return model_dir
-    from mmdsweep.models import resolve_model_dir
+    from mmdsweep.assets.models import resolve_model_dir
 
     revision = exp.model.revision if exp.model.source == "diffusers" else None
     return str(resolve_model_dir(model_dir, revision).resolve())

@@ -295,10 +295,12 @@ def test_resume_refuses_a_sweep_of_the_flat_layout(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="older mmdsweep") as err:
         tune._sweep_meta(exp, sdir, resume=True)
     assert "\n" not in str(err.value)
-    fresh = tune._sweep_meta(exp, tmp_path / "new", resume=False)
+    fresh, restored = tune._sweep_meta(exp, tmp_path / "new", resume=False)
+    assert not restored
     assert fresh["layout_version"] == LAYOUT_VERSION
     (sdir / "sweep.json").write_text(json.dumps(fresh))
-    assert tune._sweep_meta(exp, sdir, resume=True)["sweep_id"] == fresh["sweep_id"]
+    meta, restored = tune._sweep_meta(exp, sdir, resume=True)  # current layout: accepted
+    assert meta["layout_version"] == LAYOUT_VERSION and not restored  # no Tune state yet: a fresh start
 
 
 # --------------------------------------------------------------------------- libraries

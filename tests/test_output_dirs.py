@@ -53,7 +53,9 @@ def _foreign_sweep(sdir: Path, name: str, steps: int) -> None:
     other["finetune"]["steps"] = steps
     sdir.mkdir(parents=True)
     (sdir / "experiment.yaml").write_text(yaml.safe_dump(other))
-    (sdir / "sweep.json").write_text(json.dumps({"sweep_id": f"{name}-1", "experiment_name": name}))
+    (sdir / "sweep.json").write_text(
+        json.dumps({"sweep_id": f"{name}-1", "experiment_name": name, "layout_version": 2})
+    )
     (sdir / "ray" / "sweep").mkdir(parents=True)
     (sdir / "ray" / "sweep" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
 

@@ -154,7 +154,9 @@ def test_timesteps_beyond_the_models_training_steps(
     cfg = _diffusers_cfg(tmp_path, model)
     cfg["search"]["space"]["sampler.timesteps"] = {"choice": [2, 200]}
     rc, _, err = _dry_run(_write(tmp_path, cfg), capsys)
-    _assert_one_line(rc, err, "sampler.timesteps: 200", "num_train_timesteps=100", "scheduler_config.json")
+    _assert_one_line(
+        rc, err, "sampler.timesteps", "num_train_timesteps (100), got 200", "scheduler_config.json"
+    )
 
 
 def test_classifier_weights_that_do_not_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
