@@ -22,6 +22,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+import sys
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -131,21 +132,42 @@ class PretrainConfig:
 class SamplerConfig:
     """The few-step sampler that is fine-tuned (and evaluated) at exactly ``timesteps`` steps."""
 
-    name: Literal["ddim", "dpmpp_2m"] = "ddim"
+    name: Literal["ddim", "dpmpp_2m", "dpmpp_3m", "unipc"] = "ddim"
     timesteps: int = 5
-    spacing: Literal["uniform", "quadratic"] = "uniform"
+    spacing: Literal["uniform", "quadratic"] | None = None  # deprecated: use timestep_spacing
     eta: float = 0.0
     checkpointing: bool = True
-    clip_sample: bool = False
+    clip_sample: bool | None = None
+    timestep_spacing: Literal["leading", "trailing", "linspace", "quadratic"] | None = None
+    clip_sample_range: float = 1.0
+    final_clamp: bool = True
 
     def validate(self, where: str) -> None:
         _check(self.timesteps >= 1, f"{where}.timesteps", f"must be >= 1, got {self.timesteps}")
-        _check(self.eta >= 0, f"{where}.eta", f"must be >= 0, got {self.eta}")
+        _check(0 <= self.eta <= 1, f"{where}.eta", f"must be in [0, 1], got {self.eta}")
         _check(
-            not (self.name == "dpmpp_2m" and self.eta > 0),
+            not (self.name != "ddim" and self.eta > 0),
             f"{where}.eta",
-            f"must be 0 for sampler dpmpp_2m, got {self.eta}",
+            f"must be 0 for sampler {self.name}, got {self.eta}",
         )
+        _check(
+            self.clip_sample_range > 0,
+            f"{where}.clip_sample_range",
+            f"must be > 0, got {self.clip_sample_range}",
+        )
+        if self.spacing is not None:
+            _check(
+                self.timestep_spacing is None,
+                f"{where}.spacing",
+                "is the deprecated name of timestep_spacing; set only timestep_spacing",
+            )
+            new = "leading" if self.spacing == "uniform" else self.spacing
+            print(
+                f"warning: {where}.spacing: {self.spacing} is deprecated; use {where}.timestep_spacing: {new}",
+                file=sys.stderr,
+            )
+            self.timestep_spacing = "leading" if self.spacing == "uniform" else self.spacing
+            self.spacing = None
 
 
 @dataclass
@@ -283,8 +305,43 @@ class EvalConfig:
     num_reference: int | None = None
     kid_subsets: int = 10
     kid_subset_size: int = 500
+    selection_reference: Literal["validation", "train"] = "validation"
+    validation_fraction: float = 0.1
+    final_seeds: list[int] = field(default_factory=lambda: [1001, 1002, 1003])
+    final_num_samples: int | None = None
+    final_reference: Literal["heldout", "train"] = "heldout"
+    heldout_fraction: float = 0.1
+    baselines: bool = True
 
     def validate(self, where: str) -> None:
+        _check(
+            0 < self.validation_fraction <= 0.5,
+            f"{where}.validation_fraction",
+            f"must be in (0, 0.5], got {self.validation_fraction}",
+        )
+        _check(
+            0 < self.heldout_fraction <= 0.5,
+            f"{where}.heldout_fraction",
+            f"must be in (0, 0.5], got {self.heldout_fraction}",
+        )
+        _check(len(self.final_seeds) >= 1, f"{where}.final_seeds", "must list at least one seed")
+        _check(
+            len(set(self.final_seeds)) == len(self.final_seeds),
+            f"{where}.final_seeds",
+            f"must be distinct, got {self.final_seeds}",
+        )
+        _check(
+            self.seed not in self.final_seeds,
+            f"{where}.final_seeds",
+            f"must be fresh: {self.seed} is also eval.seed (the selection noise)",
+        )
+        if len(self.final_seeds) < 3:
+            print(f"warning: {where}.final_seeds: {len(self.final_seeds)} seed(s); use >= 3 for a std", file=sys.stderr)
+        _check(
+            self.final_num_samples is None or self.final_num_samples >= 2,
+            f"{where}.final_num_samples",
+            f"must be >= 2 or null, got {self.final_num_samples}",
+        )
         _check(self.num_samples >= 2, f"{where}.num_samples", f"must be >= 2, got {self.num_samples}")
         _check(self.batch_size >= 1, f"{where}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(
