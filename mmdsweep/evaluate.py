@@ -189,6 +189,9 @@ def build_final_evaluator(exp: Experiment, channels: int, device: Any) -> Any:
     return build_evaluator(exp, src, channels, device, protocol="final")
 
 
+_PREPARED: dict[tuple[str, str], Any] = {}
+
+
 def final_rows_for_model(
     exp: Experiment, model_dir: str | Path, evaluator: Any, *, chain: Any = None, kind: str = "model",
     trial_id: str | None = None, device: Any = None, label: str | None = None,
@@ -197,7 +200,11 @@ def final_rows_for_model(
     from mmdsweep.inference.evaluation import final_protocol
     from mmdsweep.inference.generate import prepare_model, read_state, resolve_chain
 
-    den, eps, dev, shape = prepare_model(str(model_dir), device or evaluator.device)
+    key = (str(model_dir), str(device or evaluator.device))
+    if key not in _PREPARED:  # load each model once per process (baselines share the base model)
+        _PREPARED.clear()
+        _PREPARED[key] = prepare_model(str(model_dir), device or evaluator.device)
+    den, eps, dev, shape = _PREPARED[key]
     if chain is None:
         chain = resolve_chain(den, None, state=read_state(model_dir))
     with __import__("torch").no_grad():

@@ -99,7 +99,10 @@ def test_five_paths_produce_the_same_images(
     seed, n = 5, 6
 
     # 1. mmdsweep.sample (its library function) from the checkpoint directory
-    sampled = generate_images(ckpt, num=n, seed=seed, batch_size=4)
+    # one batch of n everywhere: oneDNN picks convolution algorithms by batch size, and on grids that start at
+    # t=999 (x0 = x_t / sqrt(alpha_bar) ~ 150 x_t) that float32 round-off grows to ~3e-5; the noise itself is
+    # per sample (exactly batch-invariant: test_stochastic_chain_is_batch_invariant)
+    sampled = generate_images(ckpt, num=n, seed=seed, batch_size=8)
     assert sampled is not None
 
     # 2. the evaluator (and 3. mmdsweep.evaluate's final protocol, which runs the same evaluator): record the

@@ -89,14 +89,25 @@ def feature_kwargs(exp: Experiment, src: ModelSource | None, resize: int | None)
 def build_space(
     exp: Experiment, name: str, src: ModelSource | None, device: torch.device, *, for_eval: bool
 ) -> feat_mod.FeatureSpace:
-    resize = exp.features.eval_resize if for_eval else exp.features.train_resize
+    resize = space_resize(exp, name, for_eval=for_eval)
     if name.startswith("torchvision:"):
         _maybe_seed_torchvision(exp, name)
     return feat_mod.build_feature_space(name, device=device, **feature_kwargs(exp, src, resize))
 
 
+def space_resize(exp: Experiment, name: str, *, for_eval: bool) -> int | None:
+    """Input size of a space: ``features.eval_resize`` / ``train_resize``; a space that is both trained and
+    evaluated in is evaluated at its training size unless ``eval_resize`` is set (one preprocessing per space)."""
+    f = exp.features
+    if not for_eval:
+        return f.train_resize
+    if f.eval_resize is None and name == f.train:
+        return f.train_resize
+    return f.eval_resize
+
+
 def space_id(exp: Experiment, name: str, src: ModelSource | None, *, for_eval: bool) -> str:
-    resize = exp.features.eval_resize if for_eval else exp.features.train_resize
+    resize = space_resize(exp, name, for_eval=for_eval)
     if name.startswith("torchvision:"):
         _maybe_seed_torchvision(exp, name)
     return feat_mod.feature_space_id(name, **feature_kwargs(exp, src, resize))
