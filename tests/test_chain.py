@@ -238,3 +238,58 @@ def test_resolve_chain_takes_the_recorded_chain_and_overrides() -> None:
     assert (c2.sampler, c2.timesteps, c2.spacing, c2.clip_sample) == ("ddim", 10, "leading", True)
     c3 = resolve_chain(Den(), 5)  # type: ignore[arg-type]
     assert c3.clip_sample is True  # null clip_sample = the model's scheduler config
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _eta_worker(rank: int, world: int, init_file: str, yaml_path: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from mmdsweep.train import distributed as du
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        exp = load_experiment(yaml_path).with_overrides({"finetune.batch_size": 4, "sampler.eta": 1.0})
+        setup = loop.build_setup(exp, torch.device("cpu"), evaluate=False)
+        unet = setup.denoiser.unet
+        ts = loop.chain_of(exp, setup.denoiser).timestep_grid(1000)
+        loss, _ = loop.mmd_loss(setup, unet, 7, ts, loop.kernel_spec(exp), 16, rank=rank)
+        loss.backward()
+        du.average_gradients(unet)
+        if rank == 0:
+            grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.grad is not None}
+            torch.save({"loss": loss.detach(), "grads": grads}, out)
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # gloo's teardown at exit occasionally aborts after the work is done (as in test_finetune)
+
+
+def test_eta_two_workers_equal_one_process_with_the_global_batch(tiny_yaml: Path, tmp_path: Path) -> None:
+    """eta > 0: 2 workers x b == 1 process x 2b (old code seeded the step noise by worker rank)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "dist.pt")
+    init = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_eta_worker, args=(2, init, str(tiny_yaml), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    exp = load_experiment(tiny_yaml).with_overrides({"finetune.batch_size": 8, "sampler.eta": 1.0})
+    setup = loop.build_setup(exp, torch.device("cpu"), evaluate=False)
+    unet = setup.denoiser.unet
+    ts = loop.chain_of(exp, setup.denoiser).timestep_grid(1000)
+    loss, _ = loop.mmd_loss(setup, unet, 7, ts, loop.kernel_spec(exp), 16)
+    loss.backward()
+    # same tolerances as test_finetune's eta=0 twin: the gathered features enter one float64 MMD; the gradient
+    # all-reduce sums two float32 halves in a different order than one backward over the whole batch
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-7)
+    checked = 0
+    for n, p in unet.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-7)
+            checked += 1
+    assert checked > 10

@@ -141,10 +141,12 @@ def fid_from_stats(
     return float(value)
 
 
-def _psd_sqrt(a: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix via ``eigh`` (negative round-off eigenvalues -> 0)."""
+def _psd_sqrt(a: np.ndarray) -> tuple[np.ndarray, float]:
+    """Symmetric square root of a symmetric PSD matrix via ``eigh`` (negative eigenvalues -> 0), and the
+    magnitude of its most negative eigenvalue relative to its largest."""
     w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    top = float(max(np.abs(w).max(initial=0.0), 1e-300))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T, float(max(0.0, -w.min(initial=0.0)) / top)
 
 
 def frechet_distance_one_root(
@@ -163,11 +165,11 @@ def frechet_distance_one_root(
     its largest (round-off or a non-PSD input), clipped to 0 in the sum.
     """
     diff = mu1 - mu2
-    root1 = _psd_sqrt(sigma1)
+    root1, negative1 = _psd_sqrt(sigma1)
     m = root1 @ sigma2 @ root1
     lam = np.linalg.eigvalsh((m + m.T) / 2)
-    top = float(max(lam.max(initial=0.0), 1e-300))
-    negative = float(max(0.0, -lam.min(initial=0.0)) / top)
+    top = float(max(np.abs(lam).max(initial=0.0), 1e-300))
+    negative = max(negative1, float(max(0.0, -lam.min(initial=0.0)) / top))
     tr_covmean = float(np.sqrt(np.clip(lam, 0, None)).sum())
     value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
     return value, negative

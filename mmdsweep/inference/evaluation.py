@@ -94,7 +94,18 @@ class EvalSpace(torch.nn.Module):
             arr = v.permute(0, 2, 3, 1).cpu().numpy()
             arr = self._resize(arr.astype(np.uint8) if self.quantize else arr)
             v = torch.from_numpy(arr).permute(0, 3, 1, 2).to(device)
-        return self.space(v / 127.5 - 1.0)
+        sp = self.space
+        if all(hasattr(sp, a) for a in ("embed", "match_channels", "value_range", "normalise", "dim")):
+            # a FeatureSpace: map the [0, 255] pixels to its value range directly (no round trip through [-1, 1],
+            # so a (0, 255) network sees exactly clean-fid's input)
+            y = sp.match_channels(v)
+            low, high = sp.value_range
+            if (low, high) != (0.0, 255.0):
+                y = y * ((high - low) / 255.0) + low
+            if sp.normalise:
+                y = (y - sp.mean) / sp.std
+            return sp.embed(y).float().reshape(x.shape[0], sp.dim)
+        return sp(v / 127.5 - 1.0)
 
 
 @dataclass
