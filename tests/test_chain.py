@@ -154,9 +154,15 @@ def test_five_paths_produce_the_same_images(
     pipe_dir = export_pipeline(ckpt, tmp_path / "pipe")
     exported = _diffusers_images(pipe_dir, eval_noise(n, (1, 8, 8), seed))
 
-    for name, x in (("evaluate", evaluated), ("loss", trained), ("export", exported)):
+    # diffusers' multistep schedulers keep sigma = sqrt((1 - abar) / abar) in float32 (6e-8 relative); the first
+    # step's x0 = x_t / sqrt(abar_t0) amplifies it by 1 / sqrt(abar_t0) (~156 at t0 = 999, ~28 at t0 = 800), so
+    # for grids starting above t = 800 the export bound is 1e-5 scaled by sqrt(abar_800 / abar_t0) (<= 5.7 at
+    # 999; measured 1.6e-5); every other path (our own code, DDIMPipeline) is held to 1e-5
+    sched = setup.denoiser.schedule
+    scale = max(1.0, (sched.alpha_bar(800) / sched.alpha_bar(grid[0])) ** 0.5)
+    for name, x, tol in (("evaluate", evaluated, TOL), ("loss", trained, TOL), ("export", exported, TOL * scale)):
         assert x.shape == sampled.shape, name
-        assert float((x - sampled).abs().max()) <= TOL, (name, float((x - sampled).abs().max()))
+        assert float((x - sampled).abs().max()) <= tol, (name, float((x - sampled).abs().max()), tol)
     assert float(sampled.abs().max()) <= 1.0
 
 
