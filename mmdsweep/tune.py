@@ -165,7 +165,7 @@ def _sweep_meta(exp: Experiment, sdir: Path, resume: bool) -> dict[str, Any]:
         "experiment_name": exp.name,
         "experiment_file": str(Path(exp.source).resolve()),
         "sampler": exp.sampler.name,
-        "spacing": exp.sampler.spacing,
+        "spacing": exp.sampler.timestep_spacing,
         "objectives": list(exp.search.objectives),
         "optuna_storage": exp.search.storage,
         "study_name": exp.output.name,

@@ -107,6 +107,7 @@ def fid_from_stats(
     *,
     check_imag: bool = True,
     imag_atol: float = 1e-3,
+    root2: tuple[np.ndarray, float] | None = None,
 ) -> float:
     """FID between two Gaussians, via ``cleanfid.fid.frechet_distance``.
 
@@ -130,7 +131,7 @@ def fid_from_stats(
     for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(a).all():
             raise ValueError(f"fid: {name} must be finite, got NaN/inf entries")
-    value, negative = frechet_distance_one_root(mu1, sigma1, mu2, sigma2)
+    value, negative = frechet_distance_one_root(mu1, sigma1, mu2, sigma2, root2)
     if check_imag and negative > imag_atol:
         warnings.warn(
             f"fid: sigma1^(1/2) sigma2 sigma1^(1/2) has a negative eigenvalue of magnitude {negative:.3g} "
@@ -150,7 +151,11 @@ def _psd_sqrt(a: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def frechet_distance_one_root(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    root2: tuple[np.ndarray, float] | None = None,
 ) -> tuple[float, float]:
     """Fréchet distance (Heusel et al. 2017, eq. 6) with ONE matrix square root.
 
@@ -165,8 +170,12 @@ def frechet_distance_one_root(
     its largest (round-off or a non-PSD input), clipped to 0 in the sum.
     """
     diff = mu1 - mu2
-    root1, negative1 = _psd_sqrt(sigma1)
-    m = root1 @ sigma2 @ root1
+    if root2 is not None:  # tr (S1 S2)^(1/2) = tr (S2 S1)^(1/2): use the reference's cached root, one eigvalsh
+        root1, negative1 = root2
+        m = root1 @ sigma1 @ root1
+    else:
+        root1, negative1 = _psd_sqrt(sigma1)
+        m = root1 @ sigma2 @ root1
     lam = np.linalg.eigvalsh((m + m.T) / 2)
     top = float(max(np.abs(lam).max(initial=0.0), 1e-300))
     negative = max(negative1, float(max(0.0, -lam.min(initial=0.0)) / top))
@@ -380,7 +389,21 @@ def fid(
     if n_ref is not None:
         _warn_few_samples(n_ref, d, "reference", min_samples)
     mu1, sigma1 = feature_stats(gen)
-    return fid_from_stats(mu1, sigma1, mu2, sigma2, check_imag=check_imag)
+    root2 = _reference_root(ref) if isinstance(ref, ReferenceStats) else None
+    return fid_from_stats(mu1, sigma1, mu2, sigma2, check_imag=check_imag, root2=root2)
+
+
+_ROOTS: dict[tuple[str, int, int], tuple[np.ndarray, float]] = {}
+
+
+def _reference_root(ref: ReferenceStats) -> tuple[np.ndarray, float]:
+    """The reference covariance's symmetric root, computed once per reference (every evaluation reuses it)."""
+    key = (ref.key, int(ref.n), int(ref.sigma.shape[0]))
+    if key not in _ROOTS:
+        if len(_ROOTS) > 16:
+            _ROOTS.clear()
+        _ROOTS[key] = _psd_sqrt(np.asarray(ref.sigma, dtype=np.float64))
+    return _ROOTS[key]
 
 
 def kid(
