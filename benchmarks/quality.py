@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--few", type=int, nargs="+", default=[5, 10], help="T for every baseline")
     ap.add_argument("--long", type=int, nargs="+", default=[50, 100], help="T for DDIM (leading) only")
     ap.add_argument("--finetuned", nargs="*", default=[], help="fine-tuned checkpoint directories")
+    ap.add_argument("--samplers", nargs="+", default=None, help="baseline samplers (default: all)")
+    ap.add_argument("--spacings", nargs="+", default=None, help="baseline spacings (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
     ap.add_argument("--parquet", default=str(ROOT / "benchmarks" / "results" / "evaluation.parquet"))
@@ -63,9 +65,12 @@ def main() -> int:
     src = comp.resolve_model_source(exp, allow_pretrain=False)
     den, _, _, _ = prepare_model(src.model_dir, device)
     evaluator = ev.build_final_evaluator(exp, den.channels, device)
-    rows = ev.baseline_rows(exp, src.model_dir, args.few, evaluator, show_progress=True)
-    rows += ev.baseline_rows(
+    rows = ev.baseline_rows(
         exp, src.model_dir, args.long, evaluator, samplers=("ddim",), spacings=("leading",), show_progress=True
+    )
+    rows += ev.baseline_rows(
+        exp, src.model_dir, args.few, evaluator, samplers=tuple(args.samplers or ev.BASELINE_SAMPLERS),
+        spacings=tuple(args.spacings or ev.BASELINE_SPACINGS), show_progress=True,
     )
     for ckpt in args.finetuned:
         t0 = time.time()
