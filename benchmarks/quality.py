@@ -88,8 +88,8 @@ def main() -> int:
         "",
         f"Model: the embedded default's pretrained DDPM (`{Path(src.model_dir).name}`).  Final protocol: "
         f"k = {k} fresh noise seeds {list(exp.eval.final_seeds)} x N = {args.num_samples} images each, "
-        f"reference `{evaluator.reference_name}` (the digits test split: 360 images never used by pretraining "
-        "selection or the MMD bank), mean ± std (ddof = 1) over the seeds.  Lower is better.",
+        f"reference `{evaluator.reference_name}` ({next(iter(evaluator.references.values())).n} images, never used "
+        "by pretraining, selection or the MMD bank), mean ± std (ddof = 1) over the seeds.  Lower is better.",
         "",
         "Preprocessing (identical for real and generated images):",
         "",
