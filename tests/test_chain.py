@@ -158,8 +158,13 @@ def test_five_paths_produce_the_same_images(
     # step's x0 = x_t / sqrt(abar_t0) amplifies it by 1 / sqrt(abar_t0) (~156 at t0 = 999, ~28 at t0 = 800), so
     # for grids starting above t = 800 the export bound is 1e-5 scaled by sqrt(abar_800 / abar_t0) (<= 5.7 at
     # 999; measured 1.6e-5); every other path (our own code, DDIMPipeline) is held to 1e-5
+    # diffusers' multistep schedulers also form lambda, h, r_k and the exp coefficients in float32; the 2nd/3rd
+    # order differences (m0 - m1) / r_k amplify that by ~1/r_k (r_k ~ 0.1-0.5 here): measured 1.5e-5 for 3M on
+    # the quadratic grid, hence 3e-5 for every non-DDIMPipeline export (DDIMPipeline stays at 1e-5)
     sched = setup.denoiser.schedule
     scale = max(1.0, (sched.alpha_bar(800) / sched.alpha_bar(grid[0])) ** 0.5)
+    if json.loads((pipe_dir / "mmdsweep.json").read_text())["pipeline"] != "DDIMPipeline":
+        scale *= 3.0
     for name, x, tol in (("evaluate", evaluated, TOL), ("loss", trained, TOL), ("export", exported, TOL * scale)):
         assert x.shape == sampled.shape, name
         assert float((x - sampled).abs().max()) <= tol, (name, float((x - sampled).abs().max()), tol)
