@@ -38,7 +38,7 @@ def test_digits_experiment_loads_with_defaults() -> None:
         ("finetune:\n  lrr: 0.1\n", "x.yaml: finetune.lrr: unknown key"),
         ("bogus: 1\n", "x.yaml: bogus: unknown key"),
         ("finetune:\n  steps: ten\n", "x.yaml: finetune.steps: must be an integer, got 'ten'"),
-        ("sampler:\n  name: euler\n", "x.yaml: sampler.name: must be one of 'ddim', 'dpmpp_2m', got 'euler'"),
+        ("sampler:\n  name: euler\n", "x.yaml: sampler.name: must be one of 'ddim', 'dpmpp_2m', 'dpmpp_3m', 'unipc', got 'euler'"),
         ("data:\n  dataset: cifar10\n", "x.yaml: data.root: is required for dataset 'cifar10'"),
         ("model:\n  source: diffusers\n", "x.yaml: model.path: is required when model.source is 'diffusers'"),
         ("features:\n  train: vgg\n", "x.yaml: features.train: must be one of inception, clip"),
