@@ -1,18 +1,23 @@
-"""Sample quality on the embedded default: FID/KID for plain DDIM (T = 5, 10, 20, 50),
-DPM-Solver++(2M) (T = 5, 10) and MMD-DDM fine-tuned DDIM (T = 5, 10), all scored with the same
-evaluation noise, seeds and number of samples.
+"""Sample quality on the embedded default under the FINAL protocol (docs/results.md, "Protocol").
 
-The primary evaluation space is the digits classifier. MMD-DDM is fine-tuned in the ImageNet
-MobileNetV2 space (the experiment's default) and, as a cross-check, in the classifier space; every
-row is scored in both spaces, so a gain that only games the training features would show up as a
-gain in one column and not the other.
+Every training-free baseline (DDIM, DPM-Solver++(2M), DPM-Solver++(3M), UniPC-bh2, each on the leading,
+trailing, linspace and quadratic grids) at T = 5 and 10, DDIM (its standard leading grid) at T = 50 and 100,
+and optionally fine-tuned checkpoints (``--finetuned DIR ...``, their recorded chains), each scored with
+k >= 3 fresh noise seeds (``eval.final_seeds``) x N images against the HELD-OUT reference (the digits test
+split, never seen by pretraining, the bank or selection), in the classifier space (primary) and the
+MobileNetV2 space, reported as mean +- std (ddof=1) over the seeds.  Real and generated images get the same
+preprocessing (uint8 quantisation, clean-fid's PIL-bicubic resize to the space's input size), recorded below.
 
-    python benchmarks/quality.py [experiments/digits.yaml] [--steps N] [--out benchmarks/results/quality.md]
+    python benchmarks/quality.py [experiments/digits.yaml] [--num-samples 250] [--finetuned DIR ...]
+
+Writes ``benchmarks/results/quality.md`` and ``benchmarks/results/evaluation.parquet`` (schema:
+``mmdsweep.evaluate.evaluation_schema``).  Baselines are cached by (model content, protocol, chain).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,128 +26,144 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", nargs="?", default=str(ROOT / "experiments" / "digits.yaml"))
-    ap.add_argument("--steps", type=int, help="fine-tuning steps (default: the experiment's)")
-    ap.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the experiment's)")
-    ap.add_argument("--eval-every", type=int, help="evaluate (and keep the best) every N steps")
+    ap.add_argument("--num-samples", type=int, default=250, help="N per seed (final protocol)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: eval.final_seeds")
+    ap.add_argument("--few", type=int, nargs="+", default=[5, 10], help="T for every baseline")
+    ap.add_argument("--long", type=int, nargs="+", default=[50, 100], help="T for DDIM (leading) only")
+    ap.add_argument("--finetuned", nargs="*", default=[], help="fine-tuned checkpoint directories")
+    ap.add_argument("--samplers", nargs="+", default=None, help="baseline samplers (default: all)")
+    ap.add_argument("--spacings", nargs="+", default=None, help="baseline spacings (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
-    ap.add_argument("--finetune-timesteps", type=int, nargs="+", default=[5, 10])
-    ap.add_argument("--train-spaces", nargs="+", default=None, help="feature spaces to fine-tune in")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
-    ap.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "results" / "quality_runs"))
+    ap.add_argument("--parquet", default=str(ROOT / "benchmarks" / "results" / "evaluation.parquet"))
     args = ap.parse_args()
-
-    import torch
-
-    from mmdsweep.assets.models import load_denoiser
-    from mmdsweep.config import load_experiment, parse_override
-    from mmdsweep.train import pretrain
-    from mmdsweep.train.loop import LocalReporter, build_evaluator, evaluate_model, run_finetune
-    from mmdsweep.utils import markdown_table, resolve_device, set_threads
-
-    overrides: dict[str, Any] = dict(parse_override(x) for x in args.set)
-    if args.steps:
-        overrides["finetune.steps"] = args.steps
-        overrides["finetune.eval_every"] = args.eval_every or args.steps
-    elif args.eval_every:
-        overrides["finetune.eval_every"] = args.eval_every
-    if args.lr:
-        overrides["finetune.lr"] = args.lr
-    exp = load_experiment(args.experiment, overrides)
-    set_threads(exp.finetune.threads)
-    device = resolve_device(exp.finetune.device)
-    t_all = time.time()
-    t0 = time.time()
-    src = pretrain.resolve_model_source(exp)
-    pretrain_s = time.time() - t0
-    train_spaces = args.train_spaces or list(dict.fromkeys([exp.features.train, "classifier"]))
-    eval_names = list(dict.fromkeys([exp.features.eval, *train_spaces, *exp.features.extra_eval]))
-    exp_eval = exp.with_overrides({"features.extra_eval": [n for n in eval_names if n != exp.features.eval]})
-    den = load_denoiser(src.model_dir)
-    den.unet.to(device).eval()
-    evaluator = build_evaluator(exp_eval, src, den.channels, device)
-    shape = (den.channels, den.resolution, den.resolution)
-    rows: list[dict[str, Any]] = []
-
-    def add(method: str, T: int, res: Any, train: str = "-", secs: float | None = None) -> None:
-        row = {"method": method, "T": T, "train_space": train, "n": res.num_samples}
-        for name in eval_names:
-            row[f"FID[{name}]"] = res.per_space[name]["fid"]
-            row[f"KID[{name}]"] = res.per_space[name]["kid"]
-        row["finetune_s"] = secs
-        rows.append(row)
-        print(
-            f"{method:>22} T={T:<3} train={train:<26} "
-            + "  ".join(f"FID[{n}]={res.per_space[n]['fid']:.3f}" for n in eval_names),
-            flush=True,
-        )
-
-    with torch.no_grad():
-        for sampler, Ts in (("ddim", [5, 10, 20, 50]), ("dpmpp_2m", [5, 10])):
-            for T in Ts:
-                res = evaluator.evaluate(den.eps_fn(), den.schedule, shape, timesteps=T, sampler=sampler)
-                add("DDIM" if sampler == "ddim" else "DPM-Solver++(2M)", T, res)
-
-    work = Path(args.work_dir)
-    for train in train_spaces:
-        for T in args.finetune_timesteps:
-            run_exp = exp.with_overrides({"sampler.timesteps": T, "features.train": train})
-            run_dir = work / f"{train.replace(':', '_')}-T{T}"
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            t0 = time.time()
-            setup_exp = run_exp
-            from mmdsweep.train.loop import build_setup
-
-            setup = build_setup(setup_exp, device, evaluate=False)
-            setup.evaluator = evaluator
-            summary = run_finetune(setup_exp, LocalReporter(run_dir), setup=setup)
-            secs = time.time() - t0
-            if summary.status != "completed":
-                print(f"MMD-DDM T={T} ({train}) {summary.status}", flush=True)
-                continue
-            best = load_denoiser(str(run_dir / "best"))
-            best.unet.to(device)
-            setup.denoiser = best
-            with torch.no_grad():
-                res = evaluate_model(setup, best.unet)
-            add("MMD-DDM (DDIM)", T, res, train, secs)
 
     import pandas as pd
 
-    df = pd.DataFrame(rows)
-    primary = f"FID[{exp.features.eval}]"
-    total = time.time() - t_all
+    from mmdsweep import evaluate as ev
+    from mmdsweep.assets import components as comp
+    from mmdsweep.config import load_experiment, parse_override
+    from mmdsweep.inference.generate import prepare_model, quiet_diffusers
+    from mmdsweep.utils import resolve_device, set_threads
+
+    overrides: dict[str, Any] = dict(parse_override(x) for x in args.set)
+    overrides["eval.final_num_samples"] = args.num_samples
+    if args.seeds:
+        overrides["eval.final_seeds"] = args.seeds
+    exp = load_experiment(args.experiment, overrides)
+    quiet_diffusers()
+    set_threads(exp.finetune.threads)
+    device = resolve_device(exp.finetune.device)
+    t_all = time.time()
+    src = comp.resolve_model_source(exp)
+    den, _, _, _ = prepare_model(src.model_dir, device)
+    evaluator = ev.build_final_evaluator(exp, den.channels, device)
+    rows = ev.baseline_rows(
+        exp,
+        src.model_dir,
+        args.long,
+        evaluator,
+        samplers=("ddim",),
+        spacings=("leading",),
+        show_progress=True,
+    )
+    rows += ev.baseline_rows(
+        exp,
+        src.model_dir,
+        args.few,
+        evaluator,
+        samplers=tuple(args.samplers or ev.BASELINE_SAMPLERS),
+        spacings=tuple(args.spacings or ev.BASELINE_SPACINGS),
+        show_progress=True,
+    )
+    for ckpt in args.finetuned:
+        t0 = time.time()
+        rows += ev.final_rows_for_model(exp, ckpt, evaluator, device=device)
+        print(f"fine-tuned {ckpt}: {time.time() - t0:.0f}s", file=sys.stderr)
+    elapsed = time.time() - t_all
+    ev.write_evaluation(rows, args.parquet, append=False)
+    summ = ev.summarize(rows)
+    spaces = list(evaluator.spaces)
+    primary = exp.features.eval
+    pre = evaluator.preprocessing()
+    k = len(exp.eval.final_seeds)
     lines = [
-        f"# Sample quality on the embedded default ({exp.data.dataset} {exp.data.resolution}x{exp.data.resolution}, "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {time.strftime('%Y-%m-%d')})",
+        "# Sample quality, final protocol (generated by benchmarks/quality.py)",
         "",
-        f"Every row: {evaluator.num_samples} samples from the same evaluation noise (seed {evaluator.seed}); "
-        f"FID/KID via clean-fid's feature-level functions against {exp.data.split}-split reference features. "
-        f"Primary evaluation space: `{exp.features.eval}`. Fine-tuning: {exp.finetune.steps} steps, lr {exp.finetune.lr}, "
-        f"batch {exp.finetune.batch_size}, kernel {exp.kernel.type}; the checkpoint with the best primary FID is scored.",
+        f"Model: the embedded default's pretrained DDPM (`{Path(src.model_dir).name}`).  Final protocol: "
+        f"k = {k} fresh noise seeds {list(exp.eval.final_seeds)} x N = {args.num_samples} images each, "
+        f"reference `{evaluator.reference_name}` ({next(iter(evaluator.references.values())).n} images, never used "
+        "by pretraining, selection or the MMD bank), mean ± std (ddof = 1) over the seeds.  Lower is better.",
         "",
-        markdown_table(rows),
+        "Preprocessing (identical for real and generated images):",
         "",
-        f"Pretraining (cached after the first run): {pretrain_s:.0f} s this run; whole benchmark {total:.0f} s.",
+        *[f"* {pre[s]}" for s in spaces],
+        "",
+        f"Wall time: {elapsed:.0f} s on this machine (2 shared cores; cached baselines cost nothing).",
+        "",
     ]
-    ddim = df[(df["method"] == "DDIM")].set_index("T")[primary]
-    for T in args.finetune_timesteps:
-        ft = df[(df["method"] == "MMD-DDM (DDIM)") & (df["T"] == T)]
-        for _, r in ft.iterrows():
+    for space in spaces:
+        s = summ[summ["space"] == space].copy()
+        lines += [f"## FID in `{space}`" + (" (primary)" if space == primary else ""), ""]
+        header = "| T | sampler | leading | trailing | linspace | quadratic |"
+        lines += [header, "|---|---|---|---|---|---|"]
+        for T in sorted(s["timesteps"].unique()):
+            st = s[(s["timesteps"] == T) & (s["kind"] == "baseline")]
+            best = st["fid_mean"].min() if len(st) else math.nan
+            for sampler in ev.BASELINE_SAMPLERS:
+                cells = []
+                for spacing in ev.BASELINE_SPACINGS:
+                    r = st[(st["sampler"] == sampler) & (st["spacing"] == spacing)]
+                    if r.empty:
+                        cells.append("")
+                        continue
+                    txt = _fmt(float(r["fid_mean"].iloc[0]), float(r["fid_std"].iloc[0]))
+                    cells.append(f"**{txt}**" if float(r["fid_mean"].iloc[0]) == best else txt)
+                if any(cells):
+                    lines.append(f"| {T} | {sampler} | " + " | ".join(cells) + " |")
+            for _, r in s[(s["timesteps"] == T) & (s["kind"] == "model")].iterrows():
+                lines.append(
+                    f"| {T} | fine-tuned {r['sampler']} ({Path(str(r['model'])).parent.name}) | "
+                    f"{_fmt(r['fid_mean'], r['fid_std'])} ({r['spacing']}) | | | |"
+                )
+        warns = sorted({w for w in s["warnings"] if w})
+        if warns:
+            lines += ["", "Metric warnings (not silenced):", "", *[f"* {w}" for w in warns]]
+        lines.append("")
+    # best baseline per T, and each fine-tuned model against it
+    lines += ["## Best training-free sampler per T (primary space) and the fine-tuned models", ""]
+    bb = ev.best_baselines(summ, primary)
+    lines += [
+        "| T | best baseline | final FID | fine-tuned | final FID | gain | beyond 2 std? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, b in bb.iterrows():
+        T = int(b["timesteps"])
+        m = summ[(summ["kind"] == "model") & (summ["timesteps"] == T) & (summ["space"] == primary)]
+        if m.empty:
             lines.append(
-                f"- T={T}, trained in `{r['train_space']}`: {primary} {r[primary]:.3f} vs DDIM T={T} {ddim.get(T, float('nan')):.3f}"
-                f" and DDIM T=50 {ddim.get(50, float('nan')):.3f}."
+                f"| {T} | {b['sampler']}/{b['spacing']} | {_fmt(b['fid_mean'], b['fid_std'])} | pending | | | |"
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    df.to_csv(Path(args.out).with_suffix(".csv"), index=False)
+        for _, r in m.iterrows():
+            g = ev.gain_vs_best_baseline(r["fid_mean"], r["fid_std"], b["fid_mean"], b["fid_std"])
+            lines.append(
+                f"| {T} | {b['sampler']}/{b['spacing']} | {_fmt(b['fid_mean'], b['fid_std'])} | {r['sampler']}/"
+                f"{r['spacing']} | {_fmt(r['fid_mean'], r['fid_std'])} | {g['gain']:+.3f} | "
+                f"{'yes' if g['beyond_2std'] else 'no'} |"
+            )
+    lines.append("")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    pd.set_option("display.width", 200)
     return 0
 
 

@@ -209,7 +209,7 @@ class SamplerConfig:
     eta: Float = Field(default=0.0, ge=0, le=1, description="DDIM stochasticity in [0, 1] (0: deterministic)")
     checkpointing: Bool = Field(default=True, description="activation checkpointing per sampler step")
     clip_sample: Bool | None = Field(
-        default=False,
+        default=None,
         description="clamp the predicted x0 at every step; null: take it from the model's scheduler config",
     )
     clip_sample_range: Float = Field(

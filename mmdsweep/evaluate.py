@@ -1,20 +1,318 @@
-"""``python -m mmdsweep.evaluate CHECKPOINT --timesteps 5 10 --sampler ddim``: a FID/KID table.
+"""``python -m mmdsweep.evaluate CHECKPOINT``: final-protocol FID/KID of a model and its baselines.
 
-CHECKPOINT is a fine-tuning checkpoint, an exported pipeline or any diffusers model directory.
-The evaluation settings (data, evaluation feature spaces, number of samples) come from the
-experiment stored in the checkpoint's ``state.json``, or from ``--experiment``.
+CHECKPOINT is a fine-tuning checkpoint, an exported pipeline or any diffusers model directory. The evaluation
+settings (data, evaluation feature spaces, numbers of samples, seeds, references) come from the experiment
+stored in the checkpoint's ``state.json``, or from ``--experiment``.
+
+The **final protocol** (docs/results.md): for each fresh noise seed in ``eval.final_seeds`` (k >= 3),
+``eval.final_num_samples`` (default ``eval.num_samples``) images of the recorded chain, scored in every
+evaluation space against the final reference (``eval.final_reference``: the held-out split by default), then
+mean +- std (ddof=1) over the seeds.  ``--baselines`` adds every training-free baseline of the base model
+(each sampler x each spacing) at the same T under the same protocol, computed once and cached (key: model +
+protocol + chain).  Rows go to a versioned ``evaluation.parquet`` (:func:`evaluation_schema`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mmdsweep.config import ConfigError, Experiment, from_dict, load_experiment, parse_override
+
+EVALUATION_SCHEMA_VERSION = "1"
+EVALUATION_FILE = "evaluation.parquet"
+BASELINE_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
+BASELINE_SPACINGS = ("leading", "trailing", "linspace", "quadratic")
+BASELINE_CACHE_VERSION = "1"
+
+
+def evaluation_schema() -> Any:
+    """THE schema of ``evaluation.parquet`` (one row per model-or-baseline x chain x space x seed)."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field("kind", pa.string(), nullable=False),  # "model" | "baseline"
+        pa.field("model", pa.string(), nullable=False),  # checkpoint path, or the base model for baselines
+        pa.field("trial_id", pa.string()),
+        pa.field("sampler", pa.string(), nullable=False),
+        pa.field("spacing", pa.string(), nullable=False),
+        pa.field("timesteps", pa.int64(), nullable=False),
+        pa.field("eta", pa.float64()),
+        pa.field("clip_sample", pa.bool_()),
+        pa.field("final_clamp", pa.bool_()),
+        pa.field("grid", pa.string()),  # JSON list of the timesteps
+        pa.field("space", pa.string(), nullable=False),
+        pa.field("protocol", pa.string(), nullable=False),  # "final" | "selection"
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("reference", pa.string(), nullable=False),
+        pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("fid", pa.float64()),
+        pa.field("kid", pa.float64()),
+        pa.field("preprocessing", pa.string()),
+        pa.field("warnings", pa.string()),  # "; "-joined metric warnings ("" when none), never silenced
+        pa.field("sec_per_image", pa.float64()),
+        pa.field("created_unix", pa.float64()),
+    ]
+    return pa.schema(
+        fields, metadata={b"mmdsweep.evaluation_schema_version": EVALUATION_SCHEMA_VERSION.encode()}
+    )
+
+
+def write_evaluation(rows: Sequence[dict[str, Any]], path: str | Path, *, append: bool = True) -> Path:
+    """Write rows (plus, with ``append``, the rows already in ``path``) atomically with the results writer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdsweep.results import atomic_write_table
+
+    schema = evaluation_schema()
+    out = Path(path)
+    old: list[dict[str, Any]] = []
+    if append and out.is_file():
+        old = pq.read_table(out).to_pylist()
+    table = pa.Table.from_pylist([*old, *[{k: r.get(k) for k in schema.names} for r in rows]], schema=schema)
+    atomic_write_table(table, out)
+    return out
+
+
+def rows_from_results(
+    results: Iterable[Any], *, kind: str, model: str, protocol: str, trial_id: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per (result, space) from :class:`~mmdsweep.inference.evaluation.EvalResult` objects."""
+    rows = []
+    now = time.time()
+    for r in results:
+        ch = r.chain
+        for space, scores in r.per_space.items():
+            warns = [w.removeprefix(f"{space}: ") for w in r.warnings if w.startswith(f"{space}: ")]
+            rows.append(
+                {
+                    "kind": kind,
+                    "model": model,
+                    "trial_id": trial_id,
+                    "sampler": r.sampler,
+                    "spacing": r.spacing,
+                    "timesteps": int(r.timesteps),
+                    "eta": float(ch.get("eta", 0.0)),
+                    "clip_sample": bool(ch.get("clip_sample", False)),
+                    "final_clamp": bool(ch.get("final_clamp", True)),
+                    "grid": json.dumps(ch.get("grid")) if ch.get("grid") else None,
+                    "space": space,
+                    "protocol": protocol,
+                    "seed": int(r.seed),
+                    "reference": r.reference,
+                    "num_samples": int(r.num_samples),
+                    "fid": float(scores["fid"]),
+                    "kid": float(scores["kid"]),
+                    "preprocessing": r.preprocessing.get(space, ""),
+                    "warnings": "; ".join(warns),
+                    "sec_per_image": float(r.sample_time_per_image_s),
+                    "created_unix": now,
+                }
+            )
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> Any:
+    """Mean +- std (ddof=1) over seeds per (kind, model, trial, sampler, spacing, T, space, reference, N)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    keys = [
+        "kind",
+        "model",
+        "trial_id",
+        "sampler",
+        "spacing",
+        "timesteps",
+        "space",
+        "reference",
+        "num_samples",
+    ]
+    df["trial_id"] = df["trial_id"].fillna("")
+    g = df.groupby(keys, dropna=False)
+    out = g.agg(
+        fid_mean=("fid", "mean"),
+        fid_std=("fid", lambda s: float(s.std(ddof=1)) if len(s) > 1 else math.nan),
+        kid_mean=("kid", "mean"),
+        kid_std=("kid", lambda s: float(s.std(ddof=1)) if len(s) > 1 else math.nan),
+        k=("seed", "nunique"),
+        warnings=("warnings", lambda s: "; ".join(sorted({w for w in s if w}))),
+    ).reset_index()
+    return out
+
+
+def best_baselines(summary: Any, space: str) -> Any:
+    """Per T, the baseline with the lowest mean final FID in ``space`` (columns as :func:`summarize`)."""
+    b = summary[(summary["kind"] == "baseline") & (summary["space"] == space)]
+    if b.empty:
+        return b
+    return b.sort_values("fid_mean").groupby("timesteps", as_index=False).first()
+
+
+def gain_vs_best_baseline(
+    model_mean: float, model_std: float, base_mean: float, base_std: float
+) -> dict[str, Any]:
+    """Gain (baseline - model, positive = better) and whether it exceeds 2 std of the difference
+    (std of a difference of two independent means over seeds: sqrt(s1^2 + s2^2))."""
+    gain = base_mean - model_mean
+    s = math.sqrt(
+        (model_std if math.isfinite(model_std) else 0.0) ** 2
+        + (base_std if math.isfinite(base_std) else 0.0) ** 2
+    )
+    return {"gain": gain, "diff_std": s, "beyond_2std": bool(s > 0 and abs(gain) > 2 * s)}
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def _protocol_id(exp: Experiment, evaluator: Any) -> dict[str, Any]:
+    e = exp.eval
+    return {
+        "seeds": list(e.final_seeds),
+        "num_samples": evaluator.num_samples,
+        "reference": evaluator.reference_name,
+        "refs": {name: ref.key for name, ref in evaluator.references.items()},
+        "kid": [e.kid_subsets, e.kid_subset_size],
+        "data_seed": exp.seed,
+    }
+
+
+def _model_id(model_dir: str) -> str:
+    """Content id of a model directory: hash of its weight files' names, sizes and mtimes."""
+    root = Path(model_dir)
+    parts = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json") and p.name != "mmdsweep.json":
+            st = p.stat()
+            parts.append(f"{p.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def build_final_evaluator(exp: Experiment, channels: int, device: Any) -> Any:
+    from mmdsweep.assets import components as comp
+    from mmdsweep.train.loop import build_evaluator
+
+    src = comp.resolve_model_source(exp)
+    return build_evaluator(exp, src, channels, device, protocol="final")
+
+
+_PREPARED: dict[tuple[str, str], Any] = {}
+
+
+def final_rows_for_model(
+    exp: Experiment,
+    model_dir: str | Path,
+    evaluator: Any,
+    *,
+    chain: Any = None,
+    kind: str = "model",
+    trial_id: str | None = None,
+    device: Any = None,
+    label: str | None = None,
+) -> list[dict[str, Any]]:
+    """Final-protocol rows (one per seed x space) of a model directory's chain."""
+    from mmdsweep.inference.evaluation import final_protocol
+    from mmdsweep.inference.generate import prepare_model, read_state, resolve_chain
+
+    key = (str(model_dir), str(device or evaluator.device))
+    if key not in _PREPARED:  # load each model once per process (baselines share the base model)
+        _PREPARED.clear()
+        _PREPARED[key] = prepare_model(str(model_dir), device or evaluator.device)
+    den, eps, dev, shape = _PREPARED[key]
+    if chain is None:
+        chain = resolve_chain(den, None, state=read_state(model_dir))
+    with __import__("torch").no_grad():
+        results = final_protocol(evaluator, eps, den.schedule, shape, chain, exp.eval.final_seeds)
+    return rows_from_results(
+        results, kind=kind, model=label or str(model_dir), protocol="final", trial_id=trial_id
+    )
+
+
+def baseline_rows(
+    exp: Experiment,
+    base_model_dir: str,
+    timesteps: Iterable[int],
+    evaluator: Any,
+    *,
+    samplers: Sequence[str] = BASELINE_SAMPLERS,
+    spacings: Sequence[str] = BASELINE_SPACINGS,
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Every training-free baseline (sampler x spacing) of the base model at each T, final protocol, cached
+    per (model content, protocol, chain) under ``<cache>/baselines``."""
+    import dataclasses
+
+    from mmdsweep.assets import components as comp
+    from mmdsweep.core.sampling import ChainSpec
+    from mmdsweep.inference.generate import prepare_model
+    from mmdsweep.utils import atomic_write_text
+
+    cache = cache_dir or comp.cache_root(exp) / "baselines"
+    den, _, _, _ = prepare_model(base_model_dir, evaluator.device)
+    mid = _model_id(base_model_dir)
+    proto = _protocol_id(exp, evaluator)
+    base_chain = ChainSpec.resolve(
+        sampler="ddim",
+        timesteps=1,
+        spacing=None,
+        eta=0.0,
+        clip_sample=exp.sampler.clip_sample,
+        clip_sample_range=exp.sampler.clip_sample_range,
+        final_clamp=exp.sampler.final_clamp,
+        scheduler_config=den.scheduler_config,
+    )
+    rows: list[dict[str, Any]] = []
+    for T in sorted({int(t) for t in timesteps}):
+        for sampler in samplers:
+            for spacing in spacings:
+                chain = dataclasses.replace(base_chain, sampler=sampler, spacing=spacing, timesteps=T)
+                try:
+                    chain.timestep_grid(den.schedule.num_train_timesteps)
+                except ValueError:
+                    continue  # e.g. a grid that cannot hold T distinct steps
+                key = hashlib.sha256(
+                    json.dumps(
+                        {
+                            "v": BASELINE_CACHE_VERSION,
+                            "model": mid,
+                            "protocol": proto,
+                            "chain": chain.to_dict(),
+                        },
+                        sort_keys=True,
+                    ).encode()
+                ).hexdigest()[:24]
+                path = cache / f"{key}.json"
+                if path.is_file():
+                    rows += json.loads(path.read_text())
+                    continue
+                t0 = time.time()
+                new = final_rows_for_model(
+                    exp, base_model_dir, evaluator, chain=chain, kind="baseline", label=base_model_dir
+                )
+                atomic_write_text(path, json.dumps(new))
+                rows += new
+                if show_progress:
+                    fid = [r["fid"] for r in new if r["space"] == exp.features.eval]
+                    print(
+                        f"baseline {sampler}/{spacing} T={T}: FID {sum(fid) / len(fid):.3f} "
+                        f"({time.time() - t0:.0f}s)",
+                        file=sys.stderr,
+                    )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- CLI
 
 
 def experiment_for(checkpoint: Path, experiment: str | None, overrides: dict[str, Any]) -> Experiment:
@@ -29,89 +327,48 @@ def experiment_for(checkpoint: Path, experiment: str | None, overrides: dict[str
     return exp.with_overrides(overrides) if overrides else exp
 
 
-def evaluate_table(
-    exp: Experiment, model_dir: Path, timesteps: list[int], sampler: str, spacing: str, eta: float
-) -> list[dict[str, Any]]:
-    import torch
-
-    from mmdsweep.assets import components as comp
-    from mmdsweep.assets.models import load_denoiser
-    from mmdsweep.train.loop import build_evaluator
-    from mmdsweep.utils import resolve_device, set_threads
-
-    set_threads(exp.finetune.threads)
-    device = resolve_device(exp.finetune.device)
-    src = comp.resolve_model_source(exp)
-    den = load_denoiser(str(model_dir))
-    den.unet.to(device).eval()
-    evaluator = build_evaluator(exp, src, den.channels, device)
-    rows = []
-    for T in timesteps:
-        with torch.no_grad():
-            res = evaluator.evaluate(
-                den.eps_fn(),
-                den.schedule,
-                (den.channels, den.resolution, den.resolution),
-                timesteps=T,
-                sampler=sampler,
-                spacing=spacing,
-                eta=eta,
-            )
-        row: dict[str, Any] = {
-            "model": str(model_dir),
-            "sampler": sampler,
-            "T": T,
-            "num_samples": res.num_samples,
-            "eval_space": exp.features.eval,
-            "fid": res.fid,
-            "kid": res.kid,
-            "sec_per_image": res.sample_time_per_image_s,
-        }
-        for name, scores in res.per_space.items():
-            if name != exp.features.eval:
-                row[f"fid@{name}"] = scores["fid"]
-                row[f"kid@{name}"] = scores["kid"]
-        rows.append(row)
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
+def format_summary(summary: Any, primary: str) -> str:
+    if summary is None or len(summary) == 0:
         return "(no rows)"
-    cols = [c for c in rows[0] if c != "model"]
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.4g}"
-        return str(v)
-
-    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines = []
+    for _, r in summary.sort_values(["space", "timesteps", "fid_mean"]).iterrows():
+        std = "" if not math.isfinite(r["fid_std"]) else f" +- {r['fid_std']:.3f}"
+        warn = f"  [warnings: {r['warnings']}]" if r["warnings"] else ""
+        mark = "*" if r["space"] == primary else " "
+        lines.append(
+            f"{mark}{r['space']:<26} T={int(r['timesteps']):<4} {r['kind']:<8} {r['sampler']:<9} "
+            f"{r['spacing']:<10} FID {r['fid_mean']:.3f}{std}  (k={int(r['k'])}, N={int(r['num_samples'])}, "
+            f"ref {r['reference']}){warn}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m mmdsweep.evaluate",
-        description="FID/KID of a model or checkpoint at several step budgets T.",
+        description="Final-protocol FID/KID (fresh seeds, held-out reference, mean +- std) of a model, "
+        "optionally with every training-free baseline of the base model at the same T.",
     )
     ap.add_argument(
         "checkpoint", help="fine-tuning checkpoint, exported pipeline or diffusers model directory"
     )
     ap.add_argument(
-        "--timesteps", type=int, nargs="+", default=None, help="step budgets (default: the checkpoint's T)"
+        "--timesteps", type=int, nargs="+", default=None, help="step budgets (default: the chain's T)"
     )
-    ap.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None, help="default: the experiment's")
-    ap.add_argument("--spacing", choices=["uniform", "quadratic"], default=None)
+    ap.add_argument(
+        "--sampler", choices=list(BASELINE_SAMPLERS), default=None, help="default: the recorded chain"
+    )
+    ap.add_argument("--spacing", choices=[*BASELINE_SPACINGS, "uniform"], default=None)
     ap.add_argument("--eta", type=float, default=None)
     ap.add_argument(
         "--experiment", help="experiment YAML for the evaluation settings (default: the checkpoint's)"
     )
-    ap.add_argument("--num-samples", type=int, help="override eval.num_samples")
+    ap.add_argument("--num-samples", type=int, help="override eval.final_num_samples")
+    ap.add_argument(
+        "--baselines", action="store_true", help="also every training-free baseline of the base model"
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    ap.add_argument("--out", help="also write the table as CSV to this path")
+    ap.add_argument("--out", help="evaluation.parquet to append to (default: beside the checkpoint)")
     ap.add_argument("--dry-run", action="store_true", help="check the arguments and files, then stop")
     args = ap.parse_args(argv)
     ckpt = Path(args.checkpoint)
@@ -120,30 +377,55 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{ckpt}: no such model directory")
         overrides = dict(parse_override(s) for s in args.set)
         if args.num_samples is not None:
-            overrides["eval.num_samples"] = args.num_samples
+            overrides["eval.final_num_samples"] = args.num_samples
         exp = experiment_for(ckpt, args.experiment, overrides)
         from mmdsweep.assets.models import check_model_path
 
         check_model_path(str(ckpt))
-        timesteps = args.timesteps or [exp.sampler.timesteps]
-        if any(t < 1 for t in timesteps):
-            raise ConfigError(f"--timesteps: must be >= 1, got {timesteps}")
-        sampler = args.sampler or exp.sampler.name
-        eta = exp.sampler.eta if args.eta is None else args.eta
-        if sampler == "dpmpp_2m" and eta > 0:
-            raise ConfigError(f"--eta: must be 0 for sampler dpmpp_2m, got {eta}")
+        if args.timesteps is not None and any(t < 1 for t in args.timesteps):
+            raise ConfigError(f"--timesteps: must be >= 1, got {args.timesteps}")
+        if args.eta is not None and args.eta > 0 and (args.sampler or exp.sampler.name) != "ddim":
+            raise ConfigError(
+                f"--eta: must be 0 for sampler {args.sampler or exp.sampler.name}, got {args.eta}"
+            )
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    ec = exp.eval
     if args.dry_run:
-        print(f"{ckpt}: ok; would evaluate T={timesteps} with {sampler}, {exp.eval.num_samples} samples")
+        print(
+            f"{ckpt}: ok; final protocol: seeds {ec.final_seeds}, N={ec.final_num_samples or ec.num_samples}, "
+            f"reference {ec.final_reference}"
+        )
         return 0
-    rows = evaluate_table(exp, ckpt, timesteps, sampler, args.spacing or exp.sampler.spacing, eta)
-    print(format_table(rows))
-    if args.out:
-        import pandas as pd
+    from mmdsweep.inference.generate import prepare_model, quiet_diffusers, read_state, resolve_chain
+    from mmdsweep.utils import resolve_device, set_threads
 
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+    quiet_diffusers()
+    set_threads(exp.finetune.threads)
+    device = resolve_device(exp.finetune.device)
+    den, _, _, _ = prepare_model(str(ckpt), device)
+    evaluator = build_final_evaluator(exp, den.channels, device)
+    state = read_state(ckpt)
+    chain0 = (
+        resolve_chain(den, None, sampler=args.sampler, spacing=args.spacing, eta=args.eta, state=state)
+        if (state or args.timesteps is None)
+        else None
+    )
+    ts = args.timesteps or ([chain0.timesteps] if chain0 else [exp.sampler.timesteps])
+    rows: list[dict[str, Any]] = []
+    for T in ts:
+        chain = resolve_chain(den, T, sampler=args.sampler, spacing=args.spacing, eta=args.eta, state=state)
+        rows += final_rows_for_model(exp, ckpt, evaluator, chain=chain, device=device)
+    if args.baselines:
+        from mmdsweep.assets import components as comp
+
+        src = comp.resolve_model_source(exp)
+        rows += baseline_rows(exp, src.model_dir, ts, evaluator, show_progress=True)
+    out = Path(args.out) if args.out else ckpt / EVALUATION_FILE
+    write_evaluation(rows, out)
+    print(format_summary(summarize(rows), exp.features.eval))
+    print(f"\nevaluation rows: {out}")
     return 0
 
 

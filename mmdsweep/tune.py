@@ -276,7 +276,7 @@ def _sweep_meta(
         "experiment_file": str(Path(exp.source).resolve()),
         "config_fingerprint": config_fingerprint(exp, params)[0],
         "sampler": exp.sampler.name,
-        "spacing": exp.sampler.spacing,
+        "spacing": exp.sampler.timestep_spacing,
         "objectives": list(exp.search.objectives),
         "optuna_storage": exp.search.storage,
         "study_name": exp.output.name,
@@ -489,26 +489,36 @@ def _base_model_dir(exp: Experiment, model_dir: str) -> str:
     return str(resolve_model_dir(model_dir, revision).resolve())
 
 
-def _baseline(grid: Any) -> dict[str, dict[str, float]]:
-    """FID/KID of the pretrained model at each T (the trials' "before" evaluations)."""
-    out: dict[str, dict[str, float]] = {}
+def _baseline(grid: Any) -> dict[str, dict[str, Any]]:
+    """Selection-protocol FID/KID of the pretrained model's own chain at each T (the trials' "before"
+    evaluations).  The final comparison uses :func:`mmdsweep.evaluate.baseline_rows` instead (every
+    training-free sampler x spacing, final protocol)."""
+    out: dict[str, dict[str, Any]] = {}
     for result in grid:
         m = result.metrics or {}
         T, fid = m.get("timesteps"), m.get("fid_before")
         if T is None or fid is None or not math.isfinite(float(fid)):
             continue
-        out[str(int(T))] = {"fid": float(fid), "kid": float(m.get("kid_before", math.nan))}
+        out[str(int(T))] = {
+            "fid": float(fid),
+            "kid": float(m.get("kid_before", math.nan)),
+            "protocol": "selection",
+        }
     return out
 
 
 def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Export the best checkpoint per T and measure sampling speed for the Pareto front."""
+    """Export the best checkpoint per T (or say why not), score it and every training-free baseline under the
+    final protocol (fresh seeds, held-out reference; ``evaluation.parquet``), and measure sampling speed."""
+    from mmdsweep import evaluate as ev
     from mmdsweep.inference.export import export_pipeline
     from mmdsweep.results import read_trials
     from mmdsweep.results.layout import SweepLayout
 
     trials = read_trials(sdir)
     exports: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    best_ckpts: dict[int, tuple[Path, str, float]] = {}
     ok = trials[trials["best_checkpoint"].notna() & trials["best_fid"].notna()]
     for T, group in ok.groupby("timesteps"):
         best = group.sort_values("best_fid").iloc[0]
@@ -519,11 +529,17 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
                 file=sys.stderr,
             )
             continue
+        best_ckpts[int(T)] = (ckpt, str(best["trial_id"]), float(best["best_fid"]))
         out = SweepLayout(sdir).exported(int(T))
-        if exp.sampler.spacing == "uniform":
+        try:
             export_pipeline(ckpt, out, timesteps=int(T))
             exports[str(int(T))] = str(out.relative_to(sdir))
-    result: dict[str, Any] = {"exports": exports}
+        except ValueError as e:  # the chain cannot be reproduced by diffusers: say so, keep the checkpoint
+            refused[str(int(T))] = str(e)
+            print(f"warning: T={int(T)} not exported: {e}", file=sys.stderr)
+    result: dict[str, Any] = {"exports": exports, "export_refused": refused}
+    _write_meta(sdir, {**meta, **result})
+    result["final"] = final_evaluation(exp, sdir, meta, best_ckpts, ev)
     _write_meta(sdir, {**meta, **result})
     from mmdsweep.inference import speed
 
@@ -537,6 +553,96 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
     )
     speed.write_speed_table(sdir, df, sweep_id=meta["sweep_id"])
     return result
+
+
+def final_evaluation(
+    exp: Experiment, sdir: Path, meta: dict[str, Any], best_ckpts: dict[int, tuple[Path, str, float]], ev: Any
+) -> list[dict[str, Any]]:
+    """Final-protocol rows of each T's best checkpoint and of every baseline at that T -> ``evaluation.parquet``;
+    returns the per-T comparison (selection FID, final FID +- std, best baseline, beyond 2 std?)."""
+    from mmdsweep.inference.generate import prepare_model
+    from mmdsweep.utils import resolve_device
+
+    if not best_ckpts:
+        return []
+    device = resolve_device(exp.finetune.device)
+    base_dir = meta.get("base_model_dir") or str(next(iter(best_ckpts.values()))[0])
+    den, _, _, _ = prepare_model(base_dir, device)
+    evaluator = ev.build_final_evaluator(exp, den.channels, device)
+    rows: list[dict[str, Any]] = []
+    for T, (ckpt, trial_id, _) in sorted(best_ckpts.items()):
+        rows += ev.final_rows_for_model(exp, ckpt, evaluator, trial_id=trial_id, device=device)
+    if exp.eval.baselines:
+        rows += ev.baseline_rows(exp, base_dir, best_ckpts, evaluator)
+    ev.write_evaluation(rows, sdir / ev.EVALUATION_FILE, append=False)
+    summary = ev.summarize(rows)
+    primary = exp.features.eval
+    best_base = ev.best_baselines(summary, primary)
+    table: list[dict[str, Any]] = []
+    for T, (_, trial_id, sel_fid) in sorted(best_ckpts.items()):
+        m = summary[
+            (summary["kind"] == "model") & (summary["timesteps"] == T) & (summary["space"] == primary)
+        ]
+        if m.empty:
+            continue
+        mr = m.iloc[0]
+        entry: dict[str, Any] = {
+            "T": T,
+            "trial_id": trial_id,
+            "selection_fid": sel_fid,
+            "fid_mean": float(mr["fid_mean"]),
+            "fid_std": float(mr["fid_std"]),
+            "k": int(mr["k"]),
+            "num_samples": int(mr["num_samples"]),
+            "reference": str(mr["reference"]),
+            "space": primary,
+            "warnings": str(mr["warnings"]),
+        }
+        b = best_base[best_base["timesteps"] == T] if len(best_base) else best_base
+        if len(b):
+            br = b.iloc[0]
+            entry.update(
+                best_baseline=f"{br['sampler']}/{br['spacing']}",
+                baseline_fid_mean=float(br["fid_mean"]),
+                baseline_fid_std=float(br["fid_std"]),
+                **ev.gain_vs_best_baseline(
+                    entry["fid_mean"], entry["fid_std"], float(br["fid_mean"]), float(br["fid_std"])
+                ),
+            )
+        table.append(entry)
+    return table
+
+
+def format_final_table(final: list[dict[str, Any]]) -> str:
+    """The sweep's final table: per T the selection FID, the final FID +- std of the fine-tuned model and of the
+    best training-free baseline, and whether the difference exceeds 2 std."""
+    if not final:
+        return "(no final evaluation)"
+    lines = [
+        f"{'T':>4}  {'selection FID':>13}  {'final FID (tuned)':>18}  {'best baseline':<22} {'final FID (baseline)':>20}"
+        "  verdict"
+    ]
+    for e in final:
+        tuned = f"{e['fid_mean']:.3f} +- {e['fid_std']:.3f}"
+        if "best_baseline" in e:
+            base = f"{e['baseline_fid_mean']:.3f} +- {e['baseline_fid_std']:.3f}"
+            better = "better" if e["gain"] > 0 else "worse"
+            verdict = f"{better} by {abs(e['gain']):.3f} ({'> 2 std' if e['beyond_2std'] else 'within 2 std: noise'})"
+            name = e["best_baseline"]
+        else:
+            base, verdict, name = "-", "(no baselines: eval.baselines false)", "-"
+        lines.append(
+            f"{e['T']:>4}  {e['selection_fid']:>13.3f}  {tuned:>18}  {name:<22} {base:>20}  {verdict}"
+        )
+    e0 = final[0]
+    lines.append(
+        f"final protocol: {e0['k']} fresh noise seeds x N={e0['num_samples']}, reference {e0['reference']}, "
+        f"space {e0['space']}; mean +- std (ddof=1) over seeds"
+    )
+    warns = sorted({w for e in final for w in e.get("warnings", "").split("; ") if w})
+    for w in warns:
+        lines.append(f"metric warning: {w}")
+    return "\n".join(lines)
 
 
 def _fetch_checkpoint(uri: str, dest: Path) -> Path | None:
@@ -574,13 +680,23 @@ def print_summary(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> None:
     with pd.option_context(
         "display.max_columns", 50, "display.width", 200, "display.float_format", "{:.4g}".format
     ):
-        print(f"\nLeaderboard (evaluation space: {exp.features.eval}, {exp.eval.num_samples} samples):")
+        print(
+            f"\nLeaderboard (selection protocol: evaluation space {exp.features.eval}, {exp.eval.num_samples} "
+            f"samples of noise seed {exp.eval.seed}, reference {exp.data.dataset}:{exp.eval.selection_reference}):"
+        )
         print(board.to_string(index=False))
         front = pareto_front(trials)
         print("\nPareto front (timesteps vs best FID):")
         print(front.to_string(index=False) if len(front) else "(no finished trials)")
+        print(
+            "\nFinal table (best trial per T vs the best training-free sampler at that T; "
+            "selection FID is on the validation noise/reference and is not comparable to the final columns):"
+        )
+        print(format_final_table(meta.get("final", [])))
+    for T, why in sorted(meta.get("export_refused", {}).items(), key=lambda kv: int(kv[0])):
+        print(f"not exported T={T}: {why}")
     paths = results_paths(sdir)
-    print(f"\ntrials:  {paths.trials}\nmetrics: {paths.metrics}")
+    print(f"\ntrials:  {paths.trials}\nmetrics: {paths.metrics}\nevaluation: {sdir / 'evaluation.parquet'}")
     for T, d in sorted(meta.get("exports", {}).items(), key=lambda kv: int(kv[0])):
         print(f"exported T={T}: {sdir / d}")
     print(f"sweep: {meta.get('sweep_seconds')} s (+{meta.get('prepare_seconds')} s preparation)")

@@ -50,21 +50,26 @@ def test_exported_pipeline_samples_like_mmdsweep(checkpoint: Path, tmp_path: Pat
     den = load_denoiser(str(checkpoint))
     with torch.no_grad():
         ours = sample(den.eps_fn(), noise, den.schedule, select_timesteps(T, 1000), sampler="ddim")
-    ours_np = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    ours_np = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # = final_clamp
     assert theirs.shape == ours_np.shape
     assert np.abs(theirs - ours_np).max() < 1e-4
     # and the samples are not trivially constant
     assert ours_np.std() > 0.05
 
 
-def test_export_refuses_quadratic_spacing(checkpoint: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "ckpt"
+def test_quadratic_ddim_exports_as_first_order_dpm_solver(checkpoint: Path, tmp_path: Path) -> None:
+    """diffusers' DDIMScheduler takes no custom grid; first-order DPM-Solver++ (= DDIM, eta=0) with explicit
+    timesteps does (the old code refused every non-leading grid)."""
+    custom = tmp_path / "ckpt"
     import shutil
 
-    shutil.copytree(checkpoint, bad)
-    state = json.loads((bad / "state.json").read_text())
-    state["spacing"] = "quadratic"
-    (bad / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="quadratic"):
-        export_pipeline(bad, tmp_path / "pipe")
-    assert not (tmp_path / "pipe").exists()
+    shutil.copytree(checkpoint, custom)
+    state = json.loads((custom / "state.json").read_text())
+    state["chain"] = {**state["chain"], "spacing": "quadratic"}
+    (custom / "state.json").write_text(json.dumps(state))
+    out = export_pipeline(custom, tmp_path / "pipe")
+    meta = json.loads((out / "mmdsweep.json").read_text())
+    assert meta["scheduler"] == "DPMSolverMultistepScheduler"
+    assert meta["custom_timesteps"] == select_timesteps(3, 1000, "quadratic")
+    cfg = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert cfg["solver_order"] == 1 and cfg["algorithm_type"] == "dpmsolver++"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from cleanfid.fid import fid_from_feats, kernel_distance
 
@@ -87,32 +86,15 @@ def test_fid_warns_with_number_of_samples_when_too_few() -> None:
         fid(_feats(100, 16, seed=9), ref, min_samples=150)
 
 
-def test_fid_warns_with_magnitude_of_dropped_imaginary_part(monkeypatch: pytest.MonkeyPatch) -> None:
-    gen, ref = _feats(300, 6, seed=10, shift=0.2), _feats(300, 6, seed=11)
-    clean_value = fid(gen, ref)
-    real_sqrtm = scipy.linalg.sqrtm
-
-    def sqrtm_with_imag(a: np.ndarray, *args: object, **kwargs: object) -> object:
-        # Off-diagonal imaginary noise: clean-fid only inspects the diagonal and drops it silently.
-        root = real_sqrtm(a) + 0.02j * (np.ones_like(a) - np.eye(a.shape[0]))
-        return (root, 0.0) if kwargs.get("disp") is False else root
-
-    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_with_imag)
-    with pytest.warns(MetricWarning, match=r"imaginary component of magnitude 0\.02 "):
-        value = fid(gen, ref)
-    assert value == pytest.approx(clean_value, rel=1e-10)
-
-
-def test_fid_raises_one_line_error_when_root_is_far_from_real() -> None:
-    # sigma1 is not PSD, so sqrtm(sigma1 @ sigma2) = diag(1, i): imaginary part 1 on the diagonal.
+def test_fid_warns_with_magnitude_of_a_negative_eigenvalue() -> None:
+    """One symmetric root: S1^(1/2) S2 S1^(1/2) has no imaginary part to drop (the old sqrtm(S1 S2) test); a
+    non-PSD input shows up as a negative eigenvalue, reported with its magnitude and clipped, never hidden."""
     mu = np.zeros(2)
-    with (
-        pytest.warns(MetricWarning, match=r"magnitude 1 "),
-        pytest.raises(
-            ValueError, match=r"fid: clean-fid rejected sqrtm\(sigma1 @ sigma2\): Imaginary component 1"
-        ),
-    ):
-        fid_from_stats(mu, np.diag([1.0, -1.0]), mu, np.eye(2))
+    with pytest.warns(MetricWarning, match=r"negative eigenvalue of magnitude 1 "):
+        value = fid_from_stats(
+            mu, np.diag([1.0, -1.0]) @ np.diag([1.0, -1.0]) - np.diag([0.0, 2.0]), mu, np.eye(2)
+        )
+    assert np.isfinite(value)
 
 
 def test_fid_from_stats_shape_and_finiteness_errors() -> None:
@@ -246,6 +228,40 @@ def test_fid_survives_a_clean_fid_that_cannot_call_scipy(monkeypatch: pytest.Mon
     a, b = rng.normal(size=(200, 8)), rng.normal(loc=0.5, size=(200, 8))
     expected = M.fid(a, b)
     monkeypatch.setattr(M, "frechet_distance", broken)
-    with pytest.warns(M.MetricWarning, match="identical formula"):
-        got = M.fid(a, b)
-    assert got == pytest.approx(expected, rel=1e-9)
+    # FID no longer calls clean-fid's frechet_distance (nor scipy's sqrtm): one symmetric root of our own
+    got = M.fid(a, b)
+    assert got == expected
+
+
+# ------------------------------------------------------------------------- issue 8: one root, warnings surfaced
+
+
+def test_fid_uses_one_root_and_equals_cleanfid() -> None:
+    """FID via the eigenvalues of S1^(1/2) S2 S1^(1/2) (one symmetric root) equals clean-fid's
+    frechet_distance (sqrtm of S1 S2) to 1e-6 relative on full-rank covariances."""
+    from unittest import mock
+
+    from cleanfid.fid import frechet_distance
+
+    from mmdsweep.assets import metrics as M
+
+    rng = np.random.default_rng(3)
+    for n, d, shift in ((300, 32, 0.1), (600, 64, 0.5), (2000, 128, 0.02)):
+        a = rng.normal(size=(n, d))
+        b = rng.normal(size=(n, d)) @ (np.eye(d) + 0.1 * rng.normal(size=(d, d))) + shift
+        m1, s1 = M.feature_stats(a)
+        m2, s2 = M.feature_stats(b)
+        with mock.patch("scipy.linalg.sqrtm", side_effect=AssertionError("no general sqrtm")):
+            ours = M.fid_from_stats(m1, s1, m2, s2)
+        ref = frechet_distance(m1, s1, m2, s2)
+        assert abs(ours - ref) <= 1e-6 * abs(ref), (ours, ref)
+
+
+def test_rank_deficient_warning_is_recorded_not_silenced() -> None:
+    from mmdsweep.assets import metrics as M
+
+    rng = np.random.default_rng(0)
+    caught: list[str] = []
+    with pytest.warns(M.MetricWarning), M.collect_warnings(caught):
+        M.fid(rng.normal(size=(20, 64)), rng.normal(size=(500, 64)))
+    assert any("rank-deficient" in w for w in caught), caught

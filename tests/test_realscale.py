@@ -206,9 +206,9 @@ def test_sweep_json_names_the_cached_snapshot_of_a_hub_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """model.path may be a repository id in the HF cache; sweep.json must name a loadable directory."""
-    from mmdsweep.assets.models import load_denoiser
     from realscale_fixture import CIFAR10_SCHEDULER_CONFIG, write_hub_model
 
+    from mmdsweep.assets.models import load_denoiser
     from mmdsweep.config import load_experiment
 
     tiny = {**CIFAR10_UNET_CONFIG, "block_out_channels": [32, 32, 32, 32], "sample_size": 8}

@@ -544,7 +544,7 @@ def test_sample_errors() -> None:
     def den(x: Tensor, t: Tensor) -> Tensor:
         return x
 
-    with pytest.raises(ValueError, match=r"sampler='euler'.*\['ddim', 'dpmpp_2m'\]"):
+    with pytest.raises(ValueError, match=r"sampler='euler'.*\['ddim', 'dpmpp_2m', 'dpmpp_3m', 'unipc'\]"):
         sample(den, x, sched, [500, 0], sampler="euler")
     with pytest.raises(ValueError, match="eta=0.5 with sampler='dpmpp_2m'"):
         sample(den, x, sched, [500, 0], sampler="dpmpp_2m", eta=0.5)
@@ -571,3 +571,125 @@ def test_dtype_and_gradient_mode() -> None:
     assert out.dtype == torch.float32 and out.requires_grad
     with torch.no_grad():
         assert not sample(den, x, sched, [600, 300, 0], sampler="dpmpp_2m", checkpointing=True).requires_grad
+
+
+# ---------------------------------------------------------------------------------------------- spacings, 3M, UniPC
+
+
+UNIPC_CASES = [(T, sp) for T in (1, 2, 3, 5, 6, 10) for sp in ("linspace", "leading", "trailing")]
+UniPCMultistepScheduler: Any = diffusers.UniPCMultistepScheduler
+
+
+def test_spacings_golden_and_legacy_name() -> None:
+    assert select_timesteps(5, N, "uniform") == select_timesteps(5, N, "leading") == [800, 600, 400, 200, 0]
+    assert select_timesteps(5, N, "trailing") == [999, 799, 599, 399, 199]
+    assert select_timesteps(5, N, "linspace") == [999, 749, 500, 250, 0]
+    # the multistep solvers' grids: T+1 points, t=0 dropped (diffusers' DPMSolverMultistep/UniPC)
+    assert select_timesteps(5, N, "linspace", "dpmpp_2m") == [999, 799, 599, 400, 200]
+    assert select_timesteps(5, N, None, "unipc") == [999, 799, 599, 400, 200]
+    assert select_timesteps(5, N, "leading", "dpmpp_3m") == [830, 664, 498, 332, 166]
+    assert select_timesteps(5, N, None, "ddim") == [800, 600, 400, 200, 0]
+
+
+@pytest.mark.parametrize("T", [1, 3, 5, 7, 10, 50, 100])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_grids_equal_diffusers_set_timesteps(T: int, spacing: str) -> None:
+    ddim = DDIMScheduler(timestep_spacing=spacing, steps_offset=0)
+    ddim.set_timesteps(T)
+    assert ddim.timesteps.tolist() == select_timesteps(T, N, spacing, "ddim")
+    for name, cls in (("dpmpp_2m", DPMSolverMultistepScheduler), ("unipc", UniPCMultistepScheduler)):
+        ref = cls(timestep_spacing=spacing, steps_offset=0)
+        ref.set_timesteps(T)
+        assert ref.timesteps.tolist() == select_timesteps(T, N, spacing, name), name
+
+
+def _diffusers_multistep(unet: Any, x_T: Tensor, sched: Any, T: int) -> Tensor:
+    sched.set_timesteps(T)
+    x = x_T
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t.expand(x.shape[0])).sample, t, x).prev_sample
+    return x
+
+
+def _tol(ref: Tensor) -> float:
+    # diffusers' multistep schedulers cast the sample to float32 at every step; without clipping a random UNet's
+    # chain reaches |x| ~ 1e2 (x0 = x_t / sqrt(alpha_bar_999) ~ 150 x_t), so float32 round-off (6e-8 relative,
+    # a few per step) is ~1e-5 absolute there: the bound is 1e-4 per unit of output magnitude.
+    return TOL * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize(("T", "spacing"), UNIPC_CASES)
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m", "unipc"])
+def test_multistep_solvers_match_diffusers_on_their_grids(
+    unet: Any, x_T: Tensor, sampler: str, T: int, spacing: str, clip: bool
+) -> None:
+    common = dict(timestep_spacing=spacing, thresholding=clip, sample_max_value=1.0)
+    if sampler == "unipc":  # diffusers' defaults: bh2, order 2, predict_x0, lower_order_final
+        ref_sched = UniPCMultistepScheduler(**common)
+        assert ref_sched.config.solver_type == "bh2" and ref_sched.config.solver_order == 2
+    else:
+        ref_sched = DPMSolverMultistepScheduler(solver_order=int(sampler[-2]), **common)
+    sched = _with_reference_alphas(NoiseSchedule.from_scheduler_config({"clip_sample": clip}), ref_sched)
+    with torch.no_grad():
+        ref = _diffusers_multistep(unet, x_T, ref_sched, T)
+        ours = sample(
+            functools.partial(_denoiser, unet),
+            x_T,
+            sched,
+            select_timesteps(T, N, spacing, sampler),
+            sampler=sampler,
+        )
+    tol = TOL if clip else _tol(ref)
+    assert _max_abs(ours, ref) < tol, (_max_abs(ours, ref), tol)
+
+
+def test_3m_and_unipc_differ_from_2m(unet: Any, x_T: Tensor) -> None:
+    sched = NoiseSchedule.from_scheduler_config({"clip_sample": True})
+    ts = select_timesteps(6, N, None, "dpmpp_3m")
+    den = functools.partial(_denoiser, unet)
+    with torch.no_grad():
+        outs = {s: sample(den, x_T, sched, ts, sampler=s) for s in ("dpmpp_2m", "dpmpp_3m", "unipc")}
+    assert _max_abs(outs["dpmpp_2m"], outs["dpmpp_3m"]) > 1e-4
+    assert _max_abs(outs["dpmpp_2m"], outs["unipc"]) > 1e-4
+
+
+@pytest.mark.parametrize("T", [5, 7, 10])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_ddim_on_non_leading_grids(unet: Any, x_T: Tensor, T: int, spacing: str) -> None:
+    """Our DDIM steps to the next grid point.  diffusers' DDIMScheduler steps t -> t - N//T whatever the grid
+    (FACTS.md; diffusers issues 12633, 11347): on ``trailing`` with T | N that is the next grid point and the
+    two agree; otherwise we match diffusers' first-order DPM-Solver++ on the same timesteps (= DDIM eta=0,
+    what the export uses) and differ from diffusers' DDIM."""
+    ts = select_timesteps(T, N, spacing)
+    den = functools.partial(_denoiser, unet)
+    ddim_ref = DDIMScheduler(timestep_spacing=spacing, steps_offset=0, clip_sample=False)
+    sched = _with_reference_alphas(NoiseSchedule.from_scheduler_config({"clip_sample": False}), ddim_ref)
+    dpm1 = DPMSolverMultistepScheduler(solver_order=1, algorithm_type="dpmsolver++")
+    with torch.no_grad():
+        ours = sample(den, x_T, sched, ts, sampler="ddim")
+        ref_ddim = _diffusers_ddim(unet, x_T, ddim_ref, T, 0.0, None)
+        ref_dpm1 = _diffusers_dpmpp(unet, x_T, dpm1, ts)
+    assert _max_abs(ours, ref_dpm1) < _tol(ref_dpm1)
+    stride_is_grid = all(a - b == N // T for a, b in zip(ts, ts[1:]))
+    if stride_is_grid:
+        assert _max_abs(ours, ref_ddim) < _tol(ref_ddim)
+    else:
+        assert _max_abs(ours, ref_ddim) > 1e-3  # diffusers' DDIM quirk: documented, not copied
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_3m", "unipc"])
+def test_new_solvers_gradients_with_and_without_checkpointing(unet: Any, x_T: Tensor, sampler: str) -> None:
+    sched = NoiseSchedule.from_scheduler_config({"clip_sample": False})
+    ts = select_timesteps(4, N, None, sampler)
+    grads = []
+    for ckpt in (False, True):
+        unet.zero_grad(set_to_none=True)
+        x = x_T.clone().requires_grad_(True)
+        out = sample(functools.partial(_denoiser, unet), x, sched, ts, sampler=sampler, checkpointing=ckpt)
+        out.square().mean().backward()
+        assert x.grad is not None and all(p.grad is not None for p in unet.parameters())
+        grads.append(torch.cat([x.grad.flatten(), *[p.grad.flatten() for p in unet.parameters()]]))
+    unet.zero_grad(set_to_none=True)
+    # float64 UNet: recomputation is bitwise the same function; 1e-10 allows reordering in autograd
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)

@@ -111,14 +111,25 @@ def feature_kwargs(exp: Experiment, src: ModelSource | None, resize: int | None)
 def build_space(
     exp: Experiment, name: str, src: ModelSource | None, device: torch.device, *, for_eval: bool
 ) -> feat_mod.FeatureSpace:
-    resize = exp.features.eval_resize if for_eval else exp.features.train_resize
+    resize = space_resize(exp, name, for_eval=for_eval)
     if name.startswith("torchvision:"):
         _maybe_seed_torchvision(exp, name)
     return feat_mod.build_feature_space(name, device=device, **feature_kwargs(exp, src, resize))
 
 
+def space_resize(exp: Experiment, name: str, *, for_eval: bool) -> int | None:
+    """Input size of a space: ``features.eval_resize`` / ``train_resize``; a space that is both trained and
+    evaluated in is evaluated at its training size unless ``eval_resize`` is set (one preprocessing per space)."""
+    f = exp.features
+    if not for_eval:
+        return f.train_resize
+    if f.eval_resize is None and name == f.train:
+        return f.train_resize
+    return f.eval_resize
+
+
 def space_id(exp: Experiment, name: str, src: ModelSource | None, *, for_eval: bool) -> str:
-    resize = exp.features.eval_resize if for_eval else exp.features.train_resize
+    resize = space_resize(exp, name, for_eval=for_eval)
     if name.startswith("torchvision:"):
         _maybe_seed_torchvision(exp, name)
     return feat_mod.feature_space_id(name, **feature_kwargs(exp, src, resize))
@@ -172,6 +183,75 @@ def real_dataset_id(exp: Experiment, channels: int | None = None) -> str:
     )
 
 
+# The dataset's own test split, where it has one; other datasets hold out a seeded fraction of the training split.
+HELDOUT_SPLITS: dict[str, str] = {"digits": "test", "cifar10": "test"}
+ROLES = ("bank", "validation", "heldout", "train")
+
+
+def _role_indices(exp: Experiment, n: int) -> dict[str, list[int]]:
+    """Disjoint index sets of the training split: ``heldout`` (only for datasets without a test split),
+    ``validation`` (selection reference) and ``bank`` (the MMD loss's real features), from one permutation
+    seeded by ``exp.seed`` (disjoint by construction)."""
+    import numpy as np
+
+    e = exp.eval
+    carved = exp.data.dataset not in HELDOUT_SPLITS
+    h = int(round(e.heldout_fraction * n)) if carved else 0
+    v = max(2, int(round(e.validation_fraction * n))) if e.selection_reference == "validation" else 0
+    if n - h - v < 2:
+        raise ValueError(
+            f"data: {n} training images leave {n - h - v} for the bank after eval.heldout_fraction and "
+            "eval.validation_fraction; use more data or smaller fractions"
+        )
+    perm = np.random.default_rng([int(exp.seed), 0x5EED]).permutation(n)
+    return {
+        "heldout": sorted(int(i) for i in perm[:h]),
+        "validation": sorted(int(i) for i in perm[h : h + v]),
+        "bank": sorted(int(i) for i in perm[h + v :]),
+    }
+
+
+def role_dataset(exp: Experiment, role: str, channels: int | None = None) -> tuple[Any, str]:
+    """``(dataset, content id)`` of one data role:
+
+    * ``bank``: the training split minus the validation part (and minus the carved held-out part);
+    * ``validation``: a seeded ``eval.validation_fraction`` of the training split (selection reference);
+    * ``heldout``: the dataset's test split (digits, cifar10) or a seeded ``eval.heldout_fraction`` of the
+      training split (image folders, CelebA, LSUN): the final reference;
+    * ``train``: the whole training split (``final_reference: train``, CIFAR-10's FID-50k convention).
+
+    The id names everything that changes the content (split, seed, fractions), for cache keys.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}: expected one of {ROLES}")
+    base_id = real_dataset_id(exp, channels)
+    if role == "train":
+        return real_dataset(exp, channels), f"{base_id}|train"
+    if role == "heldout" and exp.data.dataset in HELDOUT_SPLITS:
+        split = HELDOUT_SPLITS[exp.data.dataset]
+        ds = data_mod.build_dataset(
+            exp.data.dataset,
+            root=exp.data.root,
+            resolution=exp.data.resolution,
+            split=split,
+            max_images=None,
+            seed=exp.seed,
+            channels=channels if channels is not None else exp.data.channels,
+        )
+        did = data_mod.dataset_id(
+            exp.data.dataset, exp.data.root, exp.data.resolution, split, None, seed=exp.seed
+        )
+        return ds, f"{did}|heldout"
+    full = real_dataset(exp, channels)
+    idx = _role_indices(exp, len(full))[role]
+    e = exp.eval
+    rid = (
+        f"{base_id}|{role}|seed={exp.seed}|val={e.validation_fraction if e.selection_reference == 'validation' else 0}"
+        f"|held={e.heldout_fraction if exp.data.dataset not in HELDOUT_SPLITS else 0}"
+    )
+    return torch.utils.data.Subset(full, idx), rid
+
+
 def _key(*parts: Any) -> str:
     return "|".join(str(p) for p in parts)
 
@@ -179,9 +259,9 @@ def _key(*parts: Any) -> str:
 def build_bank(
     exp: Experiment, space: torch.nn.Module, space_key: str, channels: int, device: torch.device
 ) -> FeatureBank:
-    """Real-image features in the training space, computed once per (data, space, resolution)."""
-    ds = real_dataset(exp, channels)
-    key = _key("bank", real_dataset_id(exp, channels), space_key, exp.data.resolution, channels)
+    """Real-image features in the training space of the ``bank`` role (training split minus validation)."""
+    ds, did = role_dataset(exp, "bank", channels)
+    key = _key("bank", did, space_key, exp.data.resolution, channels)
     return FeatureBank.build(
         ds,
         space,
@@ -193,25 +273,34 @@ def build_bank(
     )
 
 
+def reference_role(exp: Experiment, protocol: str) -> str:
+    """The data role of a protocol's reference: ``selection`` -> validation|train, ``final`` -> heldout|train."""
+    if protocol == "selection":
+        return "validation" if exp.eval.selection_reference == "validation" else "train"
+    if protocol == "final":
+        return "heldout" if exp.eval.final_reference == "heldout" else "train"
+    raise ValueError(f"protocol={protocol!r}: expected 'selection' or 'final'")
+
+
 def build_reference(
-    exp: Experiment, space: torch.nn.Module, space_key: str, channels: int, device: torch.device
+    exp: Experiment,
+    space: torch.nn.Module,
+    space_key: str,
+    channels: int,
+    device: torch.device,
+    protocol: str = "selection",
 ) -> ReferenceStats:
-    """Reference statistics (FID mean/covariance, KID features) in an evaluation space, cached."""
-    key = _key(
-        "ref",
-        real_dataset_id(exp, channels),
-        space_key,
-        exp.data.resolution,
-        channels,
-        exp.eval.num_reference,
-    )
+    """Reference statistics (FID mean/covariance, KID features) of a protocol's reference, cached by content."""
+    role = reference_role(exp, protocol)
+    ds, did = role_dataset(exp, role, channels)
+    key = _key("ref", did, space_key, exp.data.resolution, channels, exp.eval.num_reference)
 
     def compute() -> Any:
-        ds = real_dataset(exp, channels)
-        if exp.eval.num_reference is not None and exp.eval.num_reference < len(ds):
-            ds = torch.utils.data.Subset(ds, range(exp.eval.num_reference))
+        data = ds
+        if exp.eval.num_reference is not None and exp.eval.num_reference < len(data):
+            data = torch.utils.data.Subset(data, range(exp.eval.num_reference))
         bank = FeatureBank.build(
-            ds,
+            data,
             space,
             key,
             None,

@@ -18,14 +18,13 @@ string (see :func:`load_or_compute_reference`).
 from __future__ import annotations
 
 import contextlib
-import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cleanfid.fid import frechet_distance, kernel_distance
+from cleanfid.fid import kernel_distance
 from scipy import linalg
 
 from mmdsweep.assets.bank import cache_path
@@ -40,6 +39,8 @@ __all__ = [
     "kid",
     "load_or_compute_reference",
     "sqrtm_imag_magnitude",
+    "frechet_distance_one_root",
+    "collect_warnings",
 ]
 
 
@@ -60,6 +61,21 @@ def _as_feats(feats: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:
     if bad:
         raise ValueError(f"{name}: expected finite features, got {bad} NaN/inf entries")
     return arr
+
+
+@contextlib.contextmanager
+def collect_warnings(into: list[str]):  # type: ignore[no-untyped-def]
+    """Record (never silence) metric and numerical warnings raised inside the block as one-line messages in
+    ``into``; they are also re-emitted once outside, so a console still shows them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield into
+    for w in caught:
+        msg = f"{w.category.__name__}: {str(w.message).splitlines()[0]}"
+        if msg not in into:
+            into.append(msg)
+    for msg in into:
+        warnings.warn(msg, MetricWarning, stacklevel=3)
 
 
 def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +107,7 @@ def fid_from_stats(
     *,
     check_imag: bool = True,
     imag_atol: float = 1e-3,
+    root2: tuple[np.ndarray, float] | None = None,
 ) -> float:
     """FID between two Gaussians, via ``cleanfid.fid.frechet_distance``.
 
@@ -114,36 +131,59 @@ def fid_from_stats(
     for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(a).all():
             raise ValueError(f"fid: {name} must be finite, got NaN/inf entries")
-    if check_imag:
-        imag = sqrtm_imag_magnitude(sigma1, sigma2)
-        if imag > imag_atol:
-            warnings.warn(
-                f"fid: sqrtm(sigma1 @ sigma2) has an imaginary component of magnitude {imag:.3g} "
-                f"(> {imag_atol:g}); clean-fid drops it, so the FID may be inaccurate",
-                MetricWarning,
-                stacklevel=2,
-            )
-    printed = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
-            # clean-fid passes scipy's deprecated ``disp`` argument to sqrtm.
-            warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
-            try:
-                value = frechet_distance(mu1, sigma1, mu2, sigma2)
-            except TypeError as err:
-                if "disp" not in str(err):
-                    raise
-                # scipy >= 1.18 removed sqrtm's ``disp`` argument, which clean-fid 0.1.35 passes:
-                # compute the same formula here (tests check it equals clean-fid's where both run)
-                _warn_scipy_once(err)
-                value = frechet_distance_same_as_cleanfid(mu1, sigma1, mu2, sigma2)
-    except ValueError as err:
-        raise ValueError(
-            f"fid: clean-fid rejected sqrtm(sigma1 @ sigma2): {err} (expected a real root)"
-        ) from err
-    if printed.getvalue().strip():
-        warnings.warn(f"fid: clean-fid: {printed.getvalue().strip()}", MetricWarning, stacklevel=2)
+    value, negative = frechet_distance_one_root(mu1, sigma1, mu2, sigma2, root2)
+    if check_imag and negative > imag_atol:
+        warnings.warn(
+            f"fid: sigma1^(1/2) sigma2 sigma1^(1/2) has a negative eigenvalue of magnitude {negative:.3g} "
+            f"(> {imag_atol:g} of the largest); it was set to 0, so the FID may be inaccurate",
+            MetricWarning,
+            stacklevel=2,
+        )
     return float(value)
+
+
+def _psd_sqrt(a: np.ndarray) -> tuple[np.ndarray, float]:
+    """Symmetric square root of a symmetric PSD matrix via ``eigh`` (negative eigenvalues -> 0), and the
+    magnitude of its most negative eigenvalue relative to its largest."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    top = float(max(np.abs(w).max(initial=0.0), 1e-300))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T, float(max(0.0, -w.min(initial=0.0)) / top)
+
+
+def frechet_distance_one_root(
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    root2: tuple[np.ndarray, float] | None = None,
+) -> tuple[float, float]:
+    """Fréchet distance (Heusel et al. 2017, eq. 6) with ONE matrix square root.
+
+    :math:`\\mathrm{tr}\\,(\\Sigma_1\\Sigma_2)^{1/2} = \\sum_i \\sqrt{\\lambda_i}` where :math:`\\lambda_i` are the
+    eigenvalues of the symmetric PSD matrix :math:`M = \\Sigma_1^{1/2}\\Sigma_2\\Sigma_1^{1/2}` (similar to
+    :math:`\\Sigma_1\\Sigma_2`).  :math:`\\Sigma_1^{1/2}` comes from one symmetric eigen-decomposition and the
+    eigenvalues of M from ``eigvalsh``: no general ``sqrtm`` (clean-fid computes ``sqrtm(S1 S2)``, a Schur
+    decomposition of a non-symmetric matrix, and ``sqrtm_imag_magnitude`` computed a second one).  Equals
+    clean-fid's ``frechet_distance`` to ~1e-9 relative on full-rank covariances (tests/test_metrics.py).
+
+    Returns ``(fid, negative)``: ``negative`` is the magnitude of the most negative eigenvalue of M relative to
+    its largest (round-off or a non-PSD input), clipped to 0 in the sum.
+    """
+    diff = mu1 - mu2
+    if (
+        root2 is not None
+    ):  # tr (S1 S2)^(1/2) = tr (S2 S1)^(1/2): use the reference's cached root, one eigvalsh
+        root1, negative1 = root2
+        m = root1 @ sigma1 @ root1
+    else:
+        root1, negative1 = _psd_sqrt(sigma1)
+        m = root1 @ sigma2 @ root1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    top = float(max(np.abs(lam).max(initial=0.0), 1e-300))
+    negative = max(negative1, float(max(0.0, -lam.min(initial=0.0)) / top))
+    tr_covmean = float(np.sqrt(np.clip(lam, 0, None)).sum())
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    return value, negative
 
 
 _SCIPY_WARNED: list[bool] = []
@@ -351,7 +391,21 @@ def fid(
     if n_ref is not None:
         _warn_few_samples(n_ref, d, "reference", min_samples)
     mu1, sigma1 = feature_stats(gen)
-    return fid_from_stats(mu1, sigma1, mu2, sigma2, check_imag=check_imag)
+    root2 = _reference_root(ref) if isinstance(ref, ReferenceStats) else None
+    return fid_from_stats(mu1, sigma1, mu2, sigma2, check_imag=check_imag, root2=root2)
+
+
+_ROOTS: dict[tuple[str, int, int], tuple[np.ndarray, float]] = {}
+
+
+def _reference_root(ref: ReferenceStats) -> tuple[np.ndarray, float]:
+    """The reference covariance's symmetric root, computed once per reference (every evaluation reuses it)."""
+    key = (ref.key, int(ref.n), int(ref.sigma.shape[0]))
+    if key not in _ROOTS:
+        if len(_ROOTS) > 16:
+            _ROOTS.clear()
+        _ROOTS[key] = _psd_sqrt(np.asarray(ref.sigma, dtype=np.float64))
+    return _ROOTS[key]
 
 
 def kid(

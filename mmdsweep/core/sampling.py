@@ -45,13 +45,24 @@ __all__ = [
     "sample",
     "sample_ddim",
     "sample_dpmpp_2m",
+    "sample_dpmpp_3m",
+    "sample_unipc",
+    "ChainSpec",
+    "run_chain",
+    "normalize_spacing",
+    "LEGACY_SPACINGS",
+    "MULTISTEP_SAMPLERS",
     "scaled_linear_betas",
     "select_timesteps",
 ]
 
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS: tuple[str, ...] = ("uniform", "quadratic")
+TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "quadratic")
+LEGACY_SPACINGS: dict[str, str] = {"uniform": "leading"}
+"""Old spacing names still accepted (one release): ``uniform`` is diffusers' ``leading``."""
+MULTISTEP_SAMPLERS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_3m", "unipc")
+"""Samplers whose grids follow diffusers' multistep schedulers (T+1 points, the last (t=0) dropped)."""
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(x, t) -> model_output``; ``t`` is a LongTensor of shape ``(B,)`` on ``x.device``."""
@@ -334,15 +345,47 @@ class NoiseSchedule:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def select_timesteps(T: int, num_train_timesteps: int, spacing: str = "uniform") -> list[int]:
-    """Descending sub-sequence of T training timesteps (Song et al. 2021, DDIM, Appendix D.2).
+def normalize_spacing(spacing: str | None, sampler: str = "ddim") -> str:
+    """Resolve a spacing name: ``None`` -> the sampler's standard grid (``ddim``: ``leading``, the
+    multistep solvers: ``linspace``, diffusers' defaults); the legacy ``uniform`` -> ``leading``."""
+    if spacing is None:
+        return "linspace" if sampler in MULTISTEP_SAMPLERS else "leading"
+    spacing = LEGACY_SPACINGS.get(spacing, spacing)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"spacing={spacing!r}: expected one of {TIMESTEP_SPACINGS} (or null)")
+    return spacing
 
-    * ``"uniform"``: the "leading" spacing used by MMD-DDM and diffusers' DDIM,
-      :math:`\\tau_i = i \\lfloor N/T \\rfloor`, e.g. T=5, N=1000 -> [800, 600, 400, 200, 0].
-    * ``"quadratic"``: :math:`\\tau_i = \\lfloor c\\, i^2 \\rfloor` with :math:`c = 0.8N/(T-1)^2` (so the largest
-      timestep is about 0.8N), computed in exact integer arithmetic; colliding values are pushed up to keep the
-      sequence strictly increasing before it is reversed.
+
+def select_timesteps(
+    T: int, num_train_timesteps: int, spacing: str | None = "leading", sampler: str = "ddim"
+) -> list[int]:
+    """Descending grid of T training timesteps, with diffusers' names and formulas.
+
+    For ``sampler="ddim"`` (diffusers' ``DDIMScheduler.set_timesteps``, N = ``num_train_timesteps``):
+
+    * ``leading`` (old name ``uniform``): :math:`\\tau_i = i\\lfloor N/T\\rfloor`, T=5 -> [800, 600, 400, 200, 0];
+    * ``trailing``: ``round(arange(N, 0, -N/T)) - 1``, T=5 -> [999, 799, 599, 399, 199];
+    * ``linspace``: ``round(linspace(0, N-1, T))`` reversed, T=5 -> [999, 749, 500, 250, 0].
+
+    For the multistep solvers (``dpmpp_2m``, ``dpmpp_3m``, ``unipc``: diffusers'
+    ``DPMSolverMultistepScheduler`` / ``UniPCMultistepScheduler.set_timesteps``, which lay T+1 points and drop t=0):
+
+    * ``leading``: ``arange(T+1) * (N // (T+1))`` reversed without its last point, T=5 -> [830, ..., 166];
+    * ``trailing``: as for DDIM;
+    * ``linspace``: ``round(linspace(0, N-1, T+1))`` reversed without its last point, T=5 -> [999, 799, 599, 400, 200].
+
+    ``quadratic`` (DDIM paper, App. D.2, for every sampler): :math:`\\tau_i = \\lfloor 0.8N\\,i^2/(T-1)^2\\rfloor`
+    in exact integer arithmetic, colliding values pushed up to keep the grid strictly increasing.
+    ``None`` selects the sampler's standard grid (:func:`normalize_spacing`).  NumPy's rounding (half to even)
+    is used, as diffusers uses it.
+
+    Note: diffusers' DDIM ``step()`` goes from t to ``t - N // T`` whatever the grid; on the leading grid (and on
+    trailing when T divides N) that is the next grid point, elsewhere it is not (diffusers issues 12633, 11347).
+    Our DDIM always steps to the next grid point: on ``linspace`` and non-dividing ``trailing`` grids it equals
+    diffusers' first-order DPM-Solver++ with these timesteps (the export uses that), not diffusers' DDIM.
     """
+    import numpy as np
+
     for name, value in (("T", T), ("num_train_timesteps", num_train_timesteps)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name}={value!r}: expected an int")
@@ -350,26 +393,39 @@ def select_timesteps(T: int, num_train_timesteps: int, spacing: str = "uniform")
         raise ValueError(f"num_train_timesteps={num_train_timesteps}: expected >= 1")
     if not 1 <= T <= num_train_timesteps:
         raise ValueError(f"T={T}: expected 1 <= T <= num_train_timesteps={num_train_timesteps}")
-    if spacing == "uniform":
-        step = num_train_timesteps // T
-        ascending = [i * step for i in range(T)]
-    elif spacing == "quadratic":
+    spacing = normalize_spacing(spacing, sampler)
+    n = num_train_timesteps
+    multistep = sampler in MULTISTEP_SAMPLERS
+    if spacing == "leading":
+        if multistep:
+            step = n // (T + 1)
+            descending = [int(v) for v in (np.arange(0, T + 1) * step)[::-1][:-1]]
+        else:
+            step = n // T
+            descending = [i * step for i in range(T)][::-1]
+    elif spacing == "trailing":
+        descending = [int(v) - 1 for v in np.round(np.arange(n, 0, -n / T)).astype(np.int64)]
+    elif spacing == "linspace":
+        if multistep:
+            descending = [int(v) for v in np.linspace(0, n - 1, T + 1).round()[::-1][:-1].astype(np.int64)]
+        else:
+            descending = [int(v) for v in np.linspace(0, n - 1, T).round()[::-1].astype(np.int64)]
+    else:  # quadratic
         if T == 1:
             ascending = [0]
         else:
             # floor(0.8 * N * i^2 / (T-1)^2) without floating-point rounding
-            ascending = [(4 * num_train_timesteps * i * i) // (5 * (T - 1) ** 2) for i in range(T)]
+            ascending = [(4 * n * i * i) // (5 * (T - 1) ** 2) for i in range(T)]
             for i in range(1, T):
                 ascending[i] = max(ascending[i], ascending[i - 1] + 1)
-            if (
-                ascending[-1] >= num_train_timesteps
-            ):  # pragma: no cover - impossible for T <= N, kept as a guard
-                raise ValueError(
-                    f"T={T}: too many quadratic steps for num_train_timesteps={num_train_timesteps}"
-                )
-    else:
-        raise ValueError(f"spacing={spacing!r}: expected one of {TIMESTEP_SPACINGS}")
-    return ascending[::-1]
+        descending = ascending[::-1]
+    if len(descending) != T or any(b >= a for a, b in zip(descending, descending[1:])) or descending[-1] < 0:
+        raise ValueError(
+            f"T={T}: the {spacing!r} grid for num_train_timesteps={n} is not {T} distinct timesteps: {descending}"
+        )
+    if descending[0] >= n:
+        raise ValueError(f"T={T}: too many {spacing!r} steps for num_train_timesteps={n}")
+    return descending
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -483,6 +539,69 @@ def half_log_snr(alpha_bar: float) -> float:
     return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
 
 
+def _alpha_sigma_lambda(schedule: NoiseSchedule, t: int) -> tuple[float, float, float]:
+    """:math:`(\\alpha_t, \\sigma_t, \\lambda_t)` with :math:`\\alpha=\\sqrt{\\bar\\alpha}`; ``t < 0`` is the end of a
+    multistep chain, :math:`\\sigma=0` (diffusers' ``final_sigmas_type="zero"``)."""
+    if t < 0:
+        return 1.0, 0.0, math.inf
+    ab = schedule.alpha_bar(t)
+    return math.sqrt(ab), math.sqrt(1.0 - ab), half_log_snr(ab)
+
+
+def data_prediction(model_output: Tensor, x: Tensor, t: int, schedule: NoiseSchedule) -> Tensor:
+    """Clipped data prediction :math:`\\hat x_0(x_t, t)` (static thresholding when ``schedule.clip_sample``)."""
+    x0, _ = predict_x0_eps(model_output, x, schedule.alpha_bar(t), schedule.prediction_type)
+    return _clip_x0(x0, schedule)
+
+
+def dpmpp_multistep_update(
+    x: Tensor,
+    x0s: Sequence[Tensor],
+    ts: Sequence[int],
+    t_prev: int,
+    schedule: NoiseSchedule,
+) -> Tensor:
+    """One DPM-Solver++ multistep update of order ``len(x0s)`` (1, 2 or 3) in data-prediction form
+    (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its third-order multistep variant, as diffusers'
+    ``DPMSolverMultistepScheduler`` with ``solver_type="midpoint"``).
+
+    ``x0s``/``ts`` hold the data predictions and their timesteps, most recent LAST (``ts[-1]`` is the current
+    t).  With :math:`h = \\lambda_{prev} - \\lambda_{s_0}`, :math:`r_k = h_k/h`, :math:`D_0 = m_0`:
+
+    * order 1: :math:`x' = \\tfrac{\\sigma'}{\\sigma_{s_0}} x - \\alpha'(e^{-h}-1) D_0` (= DDIM, eta=0);
+    * order 2: minus :math:`\\tfrac12\\alpha'(e^{-h}-1) D_1`, :math:`D_1 = (m_0 - m_1)/r_0`;
+    * order 3: :math:`+\\alpha'(\\tfrac{e^{-h}-1}{h}+1) D_1 - \\alpha'(\\tfrac{e^{-h}-1+h}{h^2}-\\tfrac12) D_2` with
+      :math:`D_1 = D_{1,0} + \\tfrac{r_0}{r_0+r_1}(D_{1,0}-D_{1,1})`, :math:`D_2 = \\tfrac{D_{1,0}-D_{1,1}}{r_0+r_1}`.
+
+    ``t_prev < 0`` is the end of the chain (:math:`\\sigma'=0`): the update returns :math:`D_0` (first order).
+    """
+    order = len(x0s)
+    if order not in (1, 2, 3) or len(ts) != order:
+        raise ValueError(f"order={order}: expected 1, 2 or 3 data predictions with as many timesteps")
+    m0 = x0s[-1]
+    if t_prev < 0:
+        return m0
+    a_t, s_t, lam_t = _alpha_sigma_lambda(schedule, t_prev)
+    _, s_0, lam_0 = _alpha_sigma_lambda(schedule, ts[-1])
+    h = lam_t - lam_0
+    em1 = math.expm1(-h)  # e^{-h} - 1
+    out = (s_t / s_0) * x - (a_t * em1) * m0
+    if order == 2:
+        lam_1 = _alpha_sigma_lambda(schedule, ts[-2])[2]
+        r0 = (lam_0 - lam_1) / h
+        out = out - (0.5 * a_t * em1 / r0) * (m0 - x0s[-2])
+    elif order == 3:
+        lam_1 = _alpha_sigma_lambda(schedule, ts[-2])[2]
+        lam_2 = _alpha_sigma_lambda(schedule, ts[-3])[2]
+        r0, r1 = (lam_0 - lam_1) / h, (lam_1 - lam_2) / h
+        d10 = (m0 - x0s[-2]) / r0
+        d11 = (x0s[-2] - x0s[-3]) / r1
+        d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
+        d2 = (d10 - d11) / (r0 + r1)
+        out = out + (a_t * (em1 / h + 1.0)) * d1 - (a_t * ((em1 + h) / h**2 - 0.5)) * d2
+    return out
+
+
 def dpmpp_2m_step(
     x: Tensor,
     model_output: Tensor,
@@ -491,50 +610,91 @@ def dpmpp_2m_step(
     schedule: NoiseSchedule,
     history: tuple[Tensor, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One DPM-Solver++(2M) step in data-prediction form (Lu et al. 2022, "DPM-Solver++", Algorithm 2).
-
-    With :math:`\\alpha=\\sqrt{\\bar\\alpha}`, :math:`\\sigma=\\sqrt{1-\\bar\\alpha}`, :math:`\\lambda=\\log(\\alpha/\\sigma)`,
-    :math:`h = \\lambda_{t_{prev}} - \\lambda_t` and the data prediction :math:`D_0 = \\hat x_0(x_t, t)`:
-
-    * first order (DPM-Solver++1, = DDIM with eta=0):
-      :math:`x_{t_{prev}} = \\tfrac{\\sigma_{prev}}{\\sigma_t} x_t - \\alpha_{prev}(e^{-h}-1) D_0`;
-    * second order, given ``history = (x0_last, t_last)`` from the previous step, :math:`h_0 = \\lambda_t -
-      \\lambda_{t_{last}}`, :math:`r = h_0/h`:
-      :math:`x_{t_{prev}} = \\tfrac{\\sigma_{prev}}{\\sigma_t} x_t - \\alpha_{prev}(e^{-h}-1)
-      \\big[(1+\\tfrac{1}{2r}) D_0 - \\tfrac{1}{2r}\\hat x_0^{last}\\big]`.
-
-    The step into the end of the chain (``t_prev < 0``) is always first order, like diffusers'
-    ``DPMSolverMultistepScheduler`` with ``final_sigmas_type="zero"``; when ``final_alpha_cumprod == 1``
-    (:math:`\\sigma_{prev}=0`, :math:`h=\\infty`) it reduces exactly to :math:`x_{t_{prev}} = D_0`.
-    ``schedule.clip_sample`` clips :math:`D_0` (static thresholding of the data prediction, DPM-Solver++ Sec. 5).
-
-    Returns ``(x_prev, x0)``; pass ``(x0, t)`` as ``history`` to the next step.
-    """
+    """One DPM-Solver++(2M) step (Lu et al. 2022, Algorithm 2); ``history = (x0_last, t_last)`` of the previous
+    step gives the second-order update, the step into the end of the chain (``t_prev < 0``) is first order
+    and returns :math:`D_0` (diffusers' ``final_sigmas_type="zero"``).  Returns ``(x_prev, x0)``."""
     _check_step(t, t_prev, schedule)
-    alpha_bar_t = schedule.alpha_bar(t)
-    alpha_bar_prev = schedule.alpha_bar(t_prev)
-    x0, _ = predict_x0_eps(model_output, x, alpha_bar_t, schedule.prediction_type)
-    x0 = _clip_x0(x0, schedule)
-    if alpha_bar_prev >= 1.0:
-        return x0, x0
-
-    sigma_t = math.sqrt(1.0 - alpha_bar_t)
-    sigma_prev = math.sqrt(1.0 - alpha_bar_prev)
-    alpha_prev = math.sqrt(alpha_bar_prev)
-    lam_t = half_log_snr(alpha_bar_t)
-    lam_prev = half_log_snr(alpha_bar_prev)
-    h = lam_prev - lam_t
-    coeff = -alpha_prev * math.expm1(-h)  # -alpha_prev * (exp(-h) - 1)
-    x_prev = (sigma_prev / sigma_t) * x + coeff * x0
-
+    x0 = data_prediction(model_output, x, t, schedule)
     if history is not None and t_prev >= 0:
         x0_last, t_last = history
         if t_last <= t:
             raise ValueError(f"history timestep t_last={t_last}: expected t_last > t={t}")
-        h0 = lam_t - half_log_snr(schedule.alpha_bar(t_last))
-        r = h0 / h
-        x_prev = x_prev + (0.5 * coeff / r) * (x0 - x0_last)
-    return x_prev, x0
+        return dpmpp_multistep_update(x, [x0_last, x0], [t_last, t], t_prev, schedule), x0
+    return dpmpp_multistep_update(x, [x0], [t], t_prev, schedule), x0
+
+
+def _unipc_coefficients(hh: float, rks: Sequence[float], order: int) -> tuple[Tensor, Tensor, float, float]:
+    """``(R, b, h_phi_1, B_h)`` of UniPC's B(h) variant bh2 (Zhao et al. 2023, "UniPC", Alg. 2 / App. C),
+    exactly as diffusers' ``UniPCMultistepScheduler`` builds them, in float64."""
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1.0
+    b_h = math.expm1(hh)  # bh2
+    factorial = 1
+    r_rows, b = [], []
+    r = torch.tensor([*rks, 1.0], dtype=torch.float64)
+    for i in range(1, order + 1):
+        r_rows.append(r ** (i - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    return torch.stack(r_rows), torch.tensor(b, dtype=torch.float64), h_phi_1, b_h
+
+
+def unipc_predictor(
+    x: Tensor, x0s: Sequence[Tensor], ts: Sequence[int], t_next: int, schedule: NoiseSchedule, order: int
+) -> Tensor:
+    """UniP-``order`` (bh2, data prediction) from ``x`` at ``ts[-1]`` to ``t_next`` (``< 0``: the end, where the
+    update is :math:`\\hat x_0`); ``x0s``/``ts`` most recent last (diffusers' ``multistep_uni_p_bh_update``)."""
+    m0 = x0s[-1]
+    if t_next < 0:
+        if order != 1:
+            raise ValueError("the final UniPC step is first order (lower_order_final)")
+        return m0
+    a_t, s_t, lam_t = _alpha_sigma_lambda(schedule, t_next)
+    _, s_0, lam_0 = _alpha_sigma_lambda(schedule, ts[-1])
+    h = lam_t - lam_0
+    rks, d1s = [], []
+    for i in range(1, order):
+        rk = (_alpha_sigma_lambda(schedule, ts[-1 - i])[2] - lam_0) / h
+        rks.append(rk)
+        d1s.append((x0s[-1 - i] - m0) / rk)
+    big_r, b, h_phi_1, b_h = _unipc_coefficients(-h, rks, order)
+    out = (s_t / s_0) * x - (a_t * h_phi_1) * m0
+    if d1s:
+        rhos = [0.5] if order == 2 else torch.linalg.solve(big_r[:-1, :-1], b[:-1]).tolist()
+        res = sum(rho * d for rho, d in zip(rhos, d1s))
+        out = out - (a_t * b_h) * res
+    return out
+
+
+def unipc_corrector(
+    x_pred: Tensor,
+    model_x0: Tensor,
+    last_x: Tensor,
+    x0s: Sequence[Tensor],
+    ts: Sequence[int],
+    t: int,
+    schedule: NoiseSchedule,
+    order: int,
+) -> Tensor:
+    """UniC-``order`` (bh2): corrects the predicted ``x_pred`` at ``t`` using its data prediction ``model_x0``;
+    ``last_x`` is the (corrected) sample at ``ts[-1]`` and ``x0s``/``ts`` the earlier data predictions, most
+    recent last (diffusers' ``multistep_uni_c_bh_update``).  Costs no model call (UniPC's point)."""
+    del x_pred  # the corrector replaces the predictor's sample; kept for the signature's clarity
+    m0 = x0s[-1]
+    a_t, s_t, lam_t = _alpha_sigma_lambda(schedule, t)
+    _, s_0, lam_0 = _alpha_sigma_lambda(schedule, ts[-1])
+    h = lam_t - lam_0
+    rks, d1s = [], []
+    for i in range(1, order):
+        rk = (_alpha_sigma_lambda(schedule, ts[-1 - i])[2] - lam_0) / h
+        rks.append(rk)
+        d1s.append((x0s[-1 - i] - m0) / rk)
+    big_r, b, h_phi_1, b_h = _unipc_coefficients(-h, rks, order)
+    rhos = [0.5] if order == 1 else torch.linalg.solve(big_r, b).tolist()
+    out = (s_t / s_0) * last_x - (a_t * h_phi_1) * m0
+    res = sum((rho * d for rho, d in zip(rhos[:-1], d1s)), start=rhos[-1] * (model_x0 - m0))
+    return out - (a_t * b_h) * res
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -587,20 +747,6 @@ def _ddim_model_step(
     return ddim_step(x, _call_denoiser(denoiser, x, t), t, t_prev, schedule, eta, noise)
 
 
-def _dpmpp_2m_model_step(
-    x: Tensor,
-    x0_last: Tensor | None,
-    *,
-    denoiser: Denoiser,
-    t: int,
-    t_prev: int,
-    t_last: int,
-    schedule: NoiseSchedule,
-) -> tuple[Tensor, Tensor]:
-    history = None if x0_last is None else (x0_last, t_last)
-    return dpmpp_2m_step(x, _call_denoiser(denoiser, x, t), t, t_prev, schedule, history)
-
-
 def _step_pairs(timesteps: Sequence[int]) -> list[tuple[int, int]]:
     """``(t, t_prev)`` of each step of a descending chain; the last step goes to ``t_prev = -1`` (x_0)."""
     return list(zip(timesteps, [*timesteps[1:], -1]))
@@ -626,6 +772,65 @@ def sample_ddim(
     return x
 
 
+def multistep_order(i: int, T: int, solver_order: int) -> int:
+    """Order of step ``i`` of a ``T``-step DPM-Solver++ chain as diffusers picks it (``lower_order_final=True``,
+    ``final_sigmas_type="zero"``): warm-up ``min(order, i+1)``, the last step first order and, for T < 15, the
+    second-to-last at most second order."""
+    order = min(solver_order, i + 1)
+    if i == T - 1:
+        return 1
+    if i == T - 2 and T < 15:
+        return min(order, 2)
+    return order
+
+
+def _dpmpp_model_step(
+    x: Tensor,
+    *history: Tensor,
+    denoiser: Denoiser,
+    ts: tuple[int, ...],
+    t_prev: int,
+    order: int,
+    schedule: NoiseSchedule,
+) -> tuple[Tensor, Tensor]:
+    t = ts[-1]
+    x0 = data_prediction(_call_denoiser(denoiser, x, t), x, t, schedule)
+    x0s = [*history[len(history) - (order - 1) :], x0] if order > 1 else [x0]
+    return dpmpp_multistep_update(x, x0s, ts[len(ts) - order :], t_prev, schedule), x0
+
+
+def _sample_dpmpp(
+    solver_order: int,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    if eta != 0.0:
+        raise ValueError(f"eta={eta!r}: dpmpp_{solver_order}m is deterministic, expected eta=0")
+    del noise
+    x = x_T
+    x0s: list[Tensor] = []
+    T = len(timesteps)
+    for i, (_t, t_prev) in enumerate(_step_pairs(timesteps)):
+        order = multistep_order(i, T, solver_order)
+        fn = functools.partial(
+            _dpmpp_model_step,
+            denoiser=denoiser,
+            ts=tuple(timesteps[: i + 1]),
+            t_prev=t_prev,
+            order=order,
+            schedule=schedule,
+        )
+        x, x0 = _run_step(fn, checkpointing, x, *x0s[-(solver_order - 1) :] if solver_order > 1 else ())
+        x0s = [*x0s, x0][-solver_order:]
+    return x
+
+
 def sample_dpmpp_2m(
     denoiser: Denoiser,
     x_T: Tensor,
@@ -637,21 +842,93 @@ def sample_dpmpp_2m(
     checkpointing: bool = False,
 ) -> Tensor:
     """DPM-Solver++(2M) chain (Lu et al. 2022, Algorithm 2); deterministic, so ``eta`` must be 0."""
+    return _sample_dpmpp(
+        2, denoiser, x_T, schedule, timesteps, eta=eta, noise=noise, checkpointing=checkpointing
+    )
+
+
+def sample_dpmpp_3m(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    """DPM-Solver++(3M) chain (diffusers' ``solver_order=3``); deterministic, so ``eta`` must be 0."""
+    return _sample_dpmpp(
+        3, denoiser, x_T, schedule, timesteps, eta=eta, noise=noise, checkpointing=checkpointing
+    )
+
+
+def _unipc_model_step(
+    x: Tensor,
+    last_x: Tensor | None,
+    *history: Tensor,
+    denoiser: Denoiser,
+    ts: tuple[int, ...],
+    t_next: int,
+    order: int,
+    prev_order: int,
+    schedule: NoiseSchedule,
+) -> tuple[Tensor, Tensor, Tensor]:
+    t = ts[-1]
+    x0 = data_prediction(_call_denoiser(denoiser, x, t), x, t, schedule)
+    if last_x is not None:  # UniC on the model output of the predicted sample (no extra model call)
+        x = unipc_corrector(x, x0, last_x, history, ts[:-1], t, schedule, prev_order)
+    x0s = [*history, x0]
+    x_next = unipc_predictor(x, x0s[len(x0s) - order :], ts[len(ts) - order :], t_next, schedule, order)
+    return x_next, x0, x
+
+
+def sample_unipc(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    """UniPC chain (Zhao et al. 2023), variant bh2, order 2, as diffusers' ``UniPCMultistepScheduler`` defaults
+    (``predict_x0=True``, ``lower_order_final=True``, ``final_sigmas_type="zero"``, corrector after every step
+    but the last: the final step is a first-order predictor to :math:`\\hat x_0`).  Exactly T model calls."""
     if eta != 0.0:
-        raise ValueError(f"eta={eta!r}: dpmpp_2m is deterministic, expected eta=0")
+        raise ValueError(f"eta={eta!r}: unipc is deterministic, expected eta=0")
+    del noise
+    solver_order = 2
+    T = len(timesteps)
     x = x_T
-    x0_last: Tensor | None = None
-    t_last = -1
-    for t, t_prev in _step_pairs(timesteps):
+    last_x: Tensor | None = None
+    x0s: list[Tensor] = []
+    prev_order = 1
+    for i, (_t, t_next) in enumerate(_step_pairs(timesteps)):
+        order = min(solver_order, T - i, i + 1)
+        hist = x0s[-solver_order:]  # earlier data predictions, most recent last (aligned with ts[:-1])
         fn = functools.partial(
-            _dpmpp_2m_model_step, denoiser=denoiser, t=t, t_prev=t_prev, t_last=t_last, schedule=schedule
+            _unipc_model_step,
+            denoiser=denoiser,
+            ts=tuple(timesteps[i - len(hist) : i + 1]),
+            t_next=t_next,
+            order=order,
+            prev_order=prev_order,
+            schedule=schedule,
         )
-        x, x0_last = _run_step(fn, checkpointing, x, x0_last)
-        t_last = t
+        x, x0, last_x = _run_step(fn, checkpointing, x, last_x, *hist)
+        x0s = [*x0s, x0][-solver_order:]
+        prev_order = order
     return x
 
 
-SAMPLERS: dict[str, ChainSampler] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+SAMPLERS: dict[str, ChainSampler] = {
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "unipc": sample_unipc,
+}
 """Registry of sampling chains by name."""
 
 
@@ -681,15 +958,17 @@ def sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     checkpointing: bool = False,
+    step_noise: Tensor | None = None,
 ) -> Tensor:
     """Run a few-step sampler from ``x_T`` with gradients (MMD-DDM, Aiello et al. 2023, Sec. 3).
 
     Makes exactly ``len(timesteps)`` denoiser calls in the forward pass (``checkpointing`` recomputes each once
-    more during backward).  Per-step noise for ``eta > 0`` is drawn up front from ``generator`` (one tensor of
-    shape ``(T, *x_T.shape)``) so checkpoint recomputation sees identical noise.  Computation runs in
-    ``x_T.dtype``; schedule scalars come from the float64 ``alphas_cumprod``.  Gradients flow to ``x_T`` and to
-    the denoiser's parameters; ``checkpointing=True`` wraps each step in non-reentrant
-    ``torch.utils.checkpoint`` so the denoiser's activations are not kept for all T steps.
+    more during backward).  Per-step noise for ``eta > 0`` is ``step_noise`` (shape ``(T, *x_T.shape)``, from
+    :mod:`mmdsweep.core.noise`, the one per-sample owner) or, for direct use, drawn up front from ``generator``,
+    so checkpoint recomputation sees identical noise.  Computation runs in ``x_T.dtype``; schedule scalars come
+    from the float64 ``alphas_cumprod``.  Gradients flow to ``x_T`` and to the denoiser's parameters;
+    ``checkpointing=True`` wraps each step in non-reentrant ``torch.utils.checkpoint`` so the denoiser's
+    activations are not kept for all T steps.  No final clamp here: see :func:`run_chain`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: expected one of {sorted(SAMPLERS)}")
@@ -704,10 +983,160 @@ def sample(
     steps = _validate_timesteps(timesteps, schedule.num_train_timesteps)
     noise: Tensor | None = None
     if eta > 0.0:
-        device = generator.device if generator is not None else x_T.device
-        noise = torch.randn((len(steps), *x_T.shape), generator=generator, device=device, dtype=x_T.dtype).to(
-            x_T.device
-        )
+        if step_noise is not None:
+            if tuple(step_noise.shape) != (len(steps), *x_T.shape):
+                raise ValueError(
+                    f"step_noise shape={tuple(step_noise.shape)}: expected {(len(steps), *x_T.shape)}"
+                )
+            noise = step_noise.to(device=x_T.device, dtype=x_T.dtype)
+        else:
+            device = generator.device if generator is not None else x_T.device
+            noise = torch.randn(
+                (len(steps), *x_T.shape), generator=generator, device=device, dtype=x_T.dtype
+            ).to(x_T.device)
     return SAMPLERS[sampler](
         denoiser, x_T, schedule, steps, eta=eta, noise=noise, checkpointing=checkpointing
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The one chain: sampler, grid, clipping and final clamp from one place
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """Everything that decides the images a model produces from given noise, resolved.
+
+    Built once from the experiment (``sampler.*``) and the model's scheduler config (``clip_sample: null``
+    takes the model's), saved in every checkpoint's ``state.json`` and in every export's ``mmdsweep.json``,
+    and used by the training loss, the evaluator, ``mmdsweep.sample``, ``mmdsweep.evaluate`` and the export
+    check (:func:`run_chain`).
+
+    ``final_clamp`` clamps the chain's output x0 to [-1, 1] (what an image can hold).  Its gradient is the true
+    gradient of the clamp: 1 inside (-1, 1), 0 outside, so pixels the clamp pins receive no gradient.  We chose
+    this over a straight-through estimator because the MMD loss then differentiates exactly the function that
+    is evaluated and exported; a pinned pixel's feature value does not change with a small move of the raw
+    output, and a straight-through gradient would be biased there.
+    """
+
+    sampler: str = "ddim"
+    timesteps: int = 5
+    spacing: str = "leading"
+    eta: float = 0.0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    final_clamp: bool = True
+    grid: tuple[int, ...] | None = None  # explicit (e.g. learned, rounded) grid; overrides ``spacing``
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}: expected one of {sorted(SAMPLERS)}")
+        object.__setattr__(self, "spacing", normalize_spacing(self.spacing, self.sampler))
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta={self.eta!r}: expected 0 <= eta <= 1")
+        if self.eta > 0 and self.sampler != "ddim":
+            raise ValueError(f"eta={self.eta!r}: stochastic sampling (eta > 0) needs sampler='ddim'")
+        if not self.clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range={self.clip_sample_range!r}: expected > 0")
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(int(t) for t in self.grid))
+            if len(self.grid) != self.timesteps:
+                raise ValueError(f"grid {self.grid}: expected {self.timesteps} timesteps")
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        sampler: str,
+        timesteps: int,
+        spacing: str | None,
+        eta: float,
+        clip_sample: bool | None,
+        clip_sample_range: float | None,
+        final_clamp: bool,
+        scheduler_config: Mapping[str, Any] | None = None,
+        grid: Sequence[int] | None = None,
+    ) -> ChainSpec:
+        """Resolve the ``null`` choices: the spacing from the sampler, ``clip_sample``/``clip_sample_range``
+        from the model's scheduler config (diffusers' default ``clip_sample`` is True)."""
+        cfg = dict(scheduler_config or {})
+        if clip_sample is None:
+            clip_sample = _config_bool(cfg, "clip_sample", True)
+        if clip_sample_range is None:
+            clip_sample_range = _config_float(cfg, "clip_sample_range", 1.0)
+        return cls(
+            sampler=sampler,
+            timesteps=int(timesteps),
+            spacing=normalize_spacing(spacing, sampler),
+            eta=float(eta),
+            clip_sample=bool(clip_sample),
+            clip_sample_range=float(clip_sample_range),
+            final_clamp=bool(final_clamp),
+            grid=None if grid is None else tuple(grid),
+        )
+
+    def schedule_for(self, schedule: NoiseSchedule) -> NoiseSchedule:
+        """``schedule`` with this chain's clipping (the model's betas and prediction type are kept)."""
+        import dataclasses
+
+        return dataclasses.replace(
+            schedule, clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range
+        )
+
+    def timestep_grid(self, num_train_timesteps: int) -> list[int]:
+        if self.grid is not None:
+            return _validate_timesteps(self.grid, num_train_timesteps)
+        return select_timesteps(self.timesteps, num_train_timesteps, self.spacing, self.sampler)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        out = asdict(self)
+        out["grid"] = None if self.grid is None else list(self.grid)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChainSpec:
+        keys = {
+            "sampler",
+            "timesteps",
+            "spacing",
+            "eta",
+            "clip_sample",
+            "clip_sample_range",
+            "final_clamp",
+            "grid",
+        }
+        kw = {k: v for k, v in data.items() if k in keys}
+        if kw.get("grid") is not None:
+            kw["grid"] = tuple(kw["grid"])
+        return cls(**kw)
+
+
+def run_chain(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    chain: ChainSpec,
+    *,
+    step_noise: Tensor | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    """The one chain: ``chain``'s sampler on its grid with its clipping, then its final clamp.
+
+    ``schedule`` is the model's schedule (its own ``clip_sample`` is replaced by the chain's).  Exactly T
+    denoiser calls; gradients flow (see :class:`ChainSpec` for the clamp's gradient).
+    """
+    sched = chain.schedule_for(schedule)
+    x = sample(
+        denoiser,
+        x_T,
+        sched,
+        chain.timestep_grid(schedule.num_train_timesteps),
+        sampler=chain.sampler,
+        eta=chain.eta,
+        checkpointing=checkpointing,
+        step_noise=step_noise,
+    )
+    return x.clamp(-1.0, 1.0) if chain.final_clamp else x

@@ -41,18 +41,23 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import numpy as np
 import torch
 
-from mmdsweep.core.sampling import SAMPLERS, TIMESTEP_SPACINGS, sample_ddim, sample_dpmpp_2m, select_timesteps
-from mmdsweep.inference.evaluation import NOISE_SEED_STRIDE, eval_noise
+from mmdsweep.core.noise import initial_noise, step_noise
+from mmdsweep.core.sampling import SAMPLERS, TIMESTEP_SPACINGS, ChainSpec, NoiseSchedule, run_chain
 from mmdsweep.utils import atomic_write_bytes, progress, resolve_device, save_grid, to_uint8
 
 if TYPE_CHECKING:
     from mmdsweep.assets.models import Denoiser
+    from mmdsweep.config import Experiment
 
 STATE_FILE = "state.json"
 EXPORT_META_FILE = "mmdsweep.json"
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
+EVAL_ROLE = "eval"
 
-_STEP_NOISE_OFFSET = 1 << 48  # separate stream for the per-step DDIM noise (eta > 0)
+
+def eval_noise(n: int, shape: Sequence[int], seed: int, start: int = 0) -> torch.Tensor:
+    """Initial noise of evaluation samples ``start .. start+n-1`` (role ``eval``, :mod:`mmdsweep.core.noise`)."""
+    return initial_noise(shape, seed=seed, role=EVAL_ROLE, start=start, count=n)
 
 
 def sample_noise(start: int, stop: int, shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -60,13 +65,95 @@ def sample_noise(start: int, stop: int, shape: Sequence[int], seed: int) -> torc
     return eval_noise(stop - start, shape, seed, start=start)
 
 
-def _step_noise(start: int, stop: int, steps: int, shape: Sequence[int], seed: int) -> torch.Tensor:
-    """Per-sample DDIM step noise, shape ``(steps, stop - start, *shape)``."""
-    out = torch.empty((steps, stop - start, *shape))
-    for j, i in enumerate(range(start, stop)):
-        g = torch.Generator().manual_seed(_STEP_NOISE_OFFSET + seed * NOISE_SEED_STRIDE + i)
-        out[:, j] = torch.randn((steps, *shape), generator=g)
-    return out
+def chain_from_experiment(exp: Experiment, scheduler_config: dict[str, Any] | None) -> ChainSpec:
+    """The experiment's chain, with ``sampler.clip_sample: null`` resolved from the model's scheduler config."""
+    sc = exp.sampler
+    spacing = getattr(sc, "timestep_spacing", None)
+    if spacing is None and getattr(sc, "spacing", None) is not None:
+        spacing = "leading" if sc.spacing == "uniform" else sc.spacing
+    return ChainSpec.resolve(
+        sampler=sc.name,
+        timesteps=sc.timesteps,
+        spacing=spacing,
+        eta=sc.eta,
+        clip_sample=sc.clip_sample,
+        clip_sample_range=getattr(sc, "clip_sample_range", 1.0),
+        final_clamp=getattr(sc, "final_clamp", True),
+        scheduler_config=scheduler_config,
+    )
+
+
+def chain_from_state(state: dict[str, Any], scheduler_config: dict[str, Any] | None) -> ChainSpec | None:
+    """The chain recorded with a model (``state.json`` / ``mmdsweep.json``), or ``None`` if none is."""
+    if isinstance(state.get("chain"), dict):
+        return ChainSpec.from_dict(state["chain"])
+    if "timesteps" not in state:
+        return None
+    spacing = state.get("spacing")
+    return ChainSpec.resolve(  # checkpoints written before the chain was recorded
+        sampler=state.get("sampler") or "ddim",
+        timesteps=int(state["timesteps"]),
+        spacing=spacing,
+        eta=float(state.get("eta") or 0.0),
+        clip_sample=None,
+        clip_sample_range=None,
+        final_clamp=True,
+        scheduler_config=scheduler_config,
+    )
+
+
+@torch.no_grad()
+def generate(
+    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: NoiseSchedule,
+    chain: ChainSpec,
+    *,
+    num: int,
+    shape: Sequence[int],
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    show_progress: bool = False,
+    key: int = 0,
+) -> tuple[torch.Tensor | None, float]:
+    """THE generation loop (evaluation, ``mmdsweep.sample``, speed and export checks all use it).
+
+    Sample ``i`` starts from the per-sample noise of (seed, ``eval``, key, i) and, with ``eta > 0``, takes its
+    per-step noise from the same key, so images do not depend on ``batch_size``.  Runs
+    :func:`~mmdsweep.core.sampling.run_chain` (grid, clipping and final clamp of ``chain``).  Returns
+    ``(images (num, C, H, W) float32 on the CPU or None when on_batch(start, images) took them, seconds per
+    image of chain time)``.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num={num} and batch_size={batch_size} must be >= 1")
+    starts = range(0, num, batch_size)
+    bar = progress(starts, desc=f"sampling T={chain.timesteps}", enabled=show_progress, total=len(starts))
+    kept: list[torch.Tensor] = []
+    elapsed = 0.0
+    for start in bar:
+        count = min(batch_size, num - start)
+        z = initial_noise(shape, seed=seed, role=EVAL_ROLE, start=start, count=count, key=key)
+        noise = None
+        if chain.eta > 0:
+            noise = step_noise(
+                shape, chain.timesteps, seed=seed, role=EVAL_ROLE, start=start, count=count, key=key
+            ).to(device=device, dtype=dtype)
+        z = z.to(device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        x = run_chain(eps_fn, z, schedule, chain, step_noise=noise)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - t0
+        x = x.float().cpu()
+        if on_batch is not None:
+            on_batch(start, x)
+        else:
+            kept.append(x)
+    if hasattr(bar, "close"):
+        bar.close()
+    return (torch.cat(kept) if on_batch is None else None), elapsed / num
 
 
 def load_model(model: str | os.PathLike[str] | Denoiser) -> Denoiser:
@@ -120,55 +207,94 @@ def read_state(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return {}
 
 
-@torch.inference_mode()
+def resolve_chain(
+    den: Denoiser,
+    timesteps: int | None,
+    *,
+    sampler: str | None = None,
+    spacing: str | None = None,
+    eta: float | None = None,
+    state: dict[str, Any] | None = None,
+    chain: ChainSpec | None = None,
+) -> ChainSpec:
+    """The chain to sample with: ``chain`` if given, else the one recorded in ``state`` with any explicit
+    argument overriding it, else a new chain from the arguments (``clip_sample`` from the model's config)."""
+    import dataclasses
+
+    if chain is not None:
+        return chain
+    recorded = chain_from_state(state or {}, den.scheduler_config)
+    if recorded is not None:
+        changes: dict[str, Any] = {}
+        if timesteps is not None and int(timesteps) != recorded.timesteps:
+            changes.update(timesteps=int(timesteps), grid=None)
+        if sampler is not None and sampler != recorded.sampler:
+            changes.update(sampler=sampler, grid=None)
+            if spacing is None:
+                changes["spacing"] = None
+        if spacing is not None:
+            changes.update(spacing=spacing, grid=None)
+        if eta is not None:
+            changes["eta"] = float(eta)
+        if not changes:
+            return recorded
+        if changes.get("spacing", "x") is None:
+            from mmdsweep.core.sampling import normalize_spacing
+
+            changes["spacing"] = normalize_spacing(None, changes.get("sampler", recorded.sampler))
+        return dataclasses.replace(recorded, **changes)
+    if timesteps is None:
+        raise ValueError("timesteps: required (the model records no chain)")
+    return ChainSpec.resolve(
+        sampler=sampler or "ddim",
+        timesteps=int(timesteps),
+        spacing=spacing,
+        eta=float(eta or 0.0),
+        clip_sample=None,
+        clip_sample_range=None,
+        final_clamp=True,
+        scheduler_config=den.scheduler_config,
+    )
+
+
 def generate_images(
     model: str | os.PathLike[str] | Denoiser,
-    timesteps: int,
+    timesteps: int | None = None,
     *,
     num: int = 64,
     seed: int = 0,
-    sampler: str = "ddim",
-    spacing: str = "uniform",
-    eta: float = 0.0,
+    sampler: str | None = None,
+    spacing: str | None = None,
+    eta: float | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
     show_progress: bool = False,
+    chain: ChainSpec | None = None,
 ) -> torch.Tensor | None:
-    """``num`` images in [-1, 1], shape ``(num, C, H, W)`` on the CPU, sampled with ``timesteps`` steps.
+    """``num`` images in [-1, 1] (``final_clamp``), shape ``(num, C, H, W)`` on the CPU.
 
-    Sample ``i`` starts from ``eval_noise(num, shape, seed)[i]``, whatever the batch size. With
-    ``on_batch(start, images)`` the images are handed over batch by batch and not kept (the
-    function then returns ``None``), so memory stays flat for large ``num``. A
-    :class:`~mmdsweep.assets.models.Denoiser` passed in is moved to ``device`` in place.
+    The chain is ``chain``, else the one recorded with ``model`` (a directory's ``state.json`` or
+    ``mmdsweep.json``) overridden by the explicit arguments, else built from them.  Sample ``i`` starts from
+    ``eval_noise(num, shape, seed)[i]``, whatever the batch size: the evaluator's images for the same seed.
+    With ``on_batch(start, images)`` the images are handed over batch by batch and not kept (returns ``None``).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}: expected one of {sorted(SAMPLERS)}")
-    if eta > 0 and sampler != "ddim":
-        raise ValueError(f"eta={eta}: stochastic sampling needs sampler='ddim'")
-    if num < 1 or batch_size < 1:
-        raise ValueError(f"num={num} and batch_size={batch_size} must be >= 1")
+    state = read_state(model) if isinstance(model, (str, os.PathLike)) else {}
     den, eps, dev, shape = prepare_model(model, device)
-    steps = select_timesteps(int(timesteps), den.schedule.num_train_timesteps, spacing)
-    starts = range(0, num, batch_size)
-    bar = progress(starts, desc=f"sampling T={timesteps}", enabled=show_progress, total=len(starts))
-    kept: list[torch.Tensor] = []
-    for start in bar:
-        stop = min(start + batch_size, num)
-        x_T = sample_noise(start, stop, shape, seed).to(dev)
-        if sampler == "ddim":
-            noise = _step_noise(start, stop, len(steps), shape, seed).to(dev) if eta > 0 else None
-            x = sample_ddim(eps, x_T, den.schedule, steps, eta=eta, noise=noise)
-        else:
-            x = sample_dpmpp_2m(eps, x_T, den.schedule, steps)
-        x = x.float().clamp(-1, 1).cpu()
-        if on_batch is not None:
-            on_batch(start, x)
-        else:
-            kept.append(x)
-    if hasattr(bar, "close"):
-        bar.close()
-    return torch.cat(kept) if on_batch is None else None
+    spec = resolve_chain(den, timesteps, sampler=sampler, spacing=spacing, eta=eta, state=state, chain=chain)
+    images, _ = generate(
+        eps,
+        den.schedule,
+        spec,
+        num=num,
+        shape=shape,
+        seed=seed,
+        batch_size=batch_size,
+        device=dev,
+        on_batch=on_batch,
+        show_progress=show_progress,
+    )
+    return images
 
 
 def output_kind(out: str | os.PathLike[str]) -> str:
@@ -214,17 +340,18 @@ def save_png(image: np.ndarray, path: Path) -> None:
 def write_samples(
     model: str | os.PathLike[str] | Denoiser,
     out: str | os.PathLike[str],
-    timesteps: int,
+    timesteps: int | None = None,
     *,
     num: int = 64,
     seed: int = 0,
-    sampler: str = "ddim",
-    spacing: str = "uniform",
-    eta: float = 0.0,
+    sampler: str | None = None,
+    spacing: str | None = None,
+    eta: float | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     show_progress: bool = False,
     grid_scale: int = 1,
+    chain: ChainSpec | None = None,
 ) -> Path:
     """Sample ``num`` images and write them to ``out`` as a grid, an ``.npz`` or a PNG directory."""
     kind = output_kind(out)
@@ -237,6 +364,7 @@ def write_samples(
         batch_size=batch_size,
         device=device,
         show_progress=show_progress,
+        chain=chain,
     )
     if kind == "dir":
         directory = Path(out)
@@ -276,7 +404,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: state.json, else ddim")
     p.add_argument(
-        "--spacing", choices=TIMESTEP_SPACINGS, default=None, help="default: state.json, else uniform"
+        "--spacing",
+        choices=[*TIMESTEP_SPACINGS, "uniform"],
+        default=None,
+        help="timestep spacing (default: the recorded chain, else the sampler's standard grid)",
     )
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: state.json, else 0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0, as the sweep's evaluation)")
@@ -319,23 +450,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(
             f"--timesteps is required: {model_dir} has no {STATE_FILE} or {EXPORT_META_FILE} to take it from"
         )
-    sampler = args.sampler or state.get("sampler") or "ddim"
-    spacing = args.spacing or state.get("spacing") or "uniform"
-    eta = args.eta if args.eta is not None else float(state.get("eta") or 0.0)
     if args.num < 1 or args.batch_size < 1:
         return fail("--num and --batch-size must be >= 1")
     quiet_diffusers()
     try:
         device = resolve_device(args.device)
         den = load_model(model_dir)
+        chain = resolve_chain(
+            den, args.timesteps, sampler=args.sampler, spacing=args.spacing, eta=args.eta, state=state
+        )
     except (ModelNotFoundError, ValueError, OSError) as exc:
         return fail(str(exc))
+    sampler, spacing, eta, timesteps = chain.sampler, chain.spacing, chain.eta, chain.timesteps
     t0 = time.perf_counter()
     try:
         out = write_samples(
             den,
             args.out,
-            int(timesteps),
             num=args.num,
             seed=args.seed,
             sampler=sampler,
@@ -345,13 +476,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=device,
             show_progress=not args.quiet and args.num > args.batch_size,
             grid_scale=args.grid_scale,
+            chain=chain,
         )
     except ValueError as exc:
         return fail(str(exc))
     elapsed = time.perf_counter() - t0
     what = {"grid": "grid", "npz": "npz (arr_0, uint8 NHWC)", "dir": "directory of PNGs"}[kind]
     print(
-        f"wrote {args.num} samples ({sampler}, T={timesteps}, {spacing}, eta={eta}, seed={args.seed}) "
+        f"wrote {args.num} samples ({sampler}, T={timesteps}, {spacing}, eta={eta}, clip_sample="
+        f"{chain.clip_sample}, final_clamp={chain.final_clamp}, seed={args.seed}) "
         f"to {out} [{what}] in {elapsed:.1f}s"
     )
     return 0

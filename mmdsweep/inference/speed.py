@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmdsweep.core.dtypes import DTYPES
-from mmdsweep.core.sampling import SAMPLERS, sample, select_timesteps
-from mmdsweep.inference.generate import fail, prepare_model
+from mmdsweep.core.sampling import SAMPLERS, ChainSpec
+from mmdsweep.inference.generate import fail, generate, prepare_model
 from mmdsweep.results.layout import SweepLayout, export_name
 from mmdsweep.results.reader import model_dirs, read_sweep_meta
 from mmdsweep.results.speed import (  # noqa: F401  (the table's names stay importable from here)
@@ -108,8 +108,6 @@ def measure_sampling_speed(
         raise ValueError("timesteps: expected at least one value")
     torch_dtype = DTYPES[dtype]
     den, eps, dev, shape = prepare_model(model_dir, device, torch_dtype)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    noise = torch.randn((batch_size, *shape), generator=gen).to(device=dev, dtype=torch_dtype)
     sizes = [min(batch_size, num_images - s) for s in range(0, num_images, batch_size)]
     label = (
         model
@@ -118,19 +116,36 @@ def measure_sampling_speed(
     )
     rows: list[dict[str, Any]] = []
     for T in ts_list:
-        steps = select_timesteps(T, den.schedule.num_train_timesteps, spacing)
+        chain = ChainSpec.resolve(
+            sampler=sampler,
+            timesteps=T,
+            spacing=spacing,
+            eta=eta,
+            clip_sample=None,
+            clip_sample_range=None,
+            final_clamp=True,
+            scheduler_config=den.scheduler_config,
+        )
 
-        def run(n: int, steps: list[int] = steps) -> None:
-            sample(eps, noise[:n], den.schedule, steps, sampler=sampler, eta=eta, generator=gen)
+        def run(n: int, chain: ChainSpec = chain) -> float:
+            # the one generation loop; it times the chain only (noise generation is not timed)
+            _, per_image = generate(
+                eps,
+                den.schedule,
+                chain,
+                num=n,
+                shape=shape,
+                seed=0,
+                batch_size=n,
+                device=dev,
+                dtype=torch_dtype,
+            )
+            return per_image * n
 
         for _ in range(warmup):
             run(batch_size)
         _synchronize(dev)
-        t0 = time.perf_counter()
-        for n in sizes:
-            run(n)
-        _synchronize(dev)
-        elapsed = time.perf_counter() - t0
+        elapsed = sum(run(n) for n in sizes)
         rows.append(
             {
                 "model": label,

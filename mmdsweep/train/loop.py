@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -45,9 +46,11 @@ from mmdsweep.config import (
     parse_override,
     write_resolved,
 )
+from mmdsweep.core import noise as noise_mod
 from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
-from mmdsweep.core.sampling import sample, select_timesteps
-from mmdsweep.inference.evaluation import EvalResult, Evaluator
+from mmdsweep.core.sampling import ChainSpec, run_chain
+from mmdsweep.inference.evaluation import EvalResult, EvalSpace, Evaluator
+from mmdsweep.inference.generate import chain_from_experiment
 from mmdsweep.train import distributed as dist_utils
 from mmdsweep.train import pretrain
 from mmdsweep.train.reporting import LocalReporter, Reporter
@@ -99,12 +102,16 @@ class RunSummary:
 def sample_noise(
     shape: tuple[int, ...], *, seed: int, step: int, start: int, count: int, device: torch.device
 ) -> torch.Tensor:
-    """Initial noise for global samples ``start .. start+count`` of one step (EDM2-style per-sample seeds)."""
-    out = torch.empty((count, *shape))
-    for j in range(count):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + start + j)
-        out[j] = torch.randn(shape, generator=g)
-    return out.to(device)
+    """Initial noise for global samples ``start .. start+count`` of one step (role ``train``, key ``step``;
+    :mod:`mmdsweep.core.noise` owns every seed)."""
+    return noise_mod.initial_noise(shape, seed=seed, role="train", key=step, start=start, count=count).to(
+        device
+    )
+
+
+def chain_of(exp: Experiment, den: Denoiser) -> ChainSpec:
+    """The run's one chain (sampler, grid, clipping, final clamp), resolved against the model's config."""
+    return chain_from_experiment(exp, den.scheduler_config)
 
 
 def kernel_spec(exp: Experiment) -> KernelSpec:
@@ -133,7 +140,13 @@ def save_checkpoint(
     exp: Experiment,
 ) -> None:
     """A checkpoint directory: a diffusers model (``unet/``, ``scheduler/``) + training state."""
-    save_denoiser(directory, model, scheduler_config)
+    chain = chain_from_experiment(exp, scheduler_config)
+    # the saved scheduler config carries the chain's clipping, so every later reader sees the trained chain
+    save_denoiser(
+        directory,
+        model,
+        {**scheduler_config, "clip_sample": chain.clip_sample, "clip_sample_range": chain.clip_sample_range},
+    )
     ts = directory / "train_state"
     ts.mkdir(exist_ok=True)
     if raw is not None:
@@ -146,8 +159,9 @@ def save_checkpoint(
         **asdict(state),
         "timesteps": exp.sampler.timesteps,
         "sampler": exp.sampler.name,
-        "spacing": exp.sampler.spacing,
+        "spacing": chain.spacing,
         "eta": exp.sampler.eta,
+        "chain": chain.to_dict(),
         "experiment": exp.to_dict(),
     }
     atomic_write_text(directory / STATE_FILE, json.dumps(meta, indent=2, default=float))
@@ -203,26 +217,41 @@ def build_setup(
     return Setup(exp, device, den, train_space, bank, evaluator, src)
 
 
-def build_evaluator(exp: Experiment, src: comp.ModelSource, channels: int, device: torch.device) -> Evaluator:
+EVAL_PREPROCESSING_KEY = "evalspace-v1-uint8-pilbicubic"  # in every reference cache key (EvalSpace)
+
+
+def build_evaluator(
+    exp: Experiment,
+    src: comp.ModelSource,
+    channels: int,
+    device: torch.device,
+    protocol: str = "selection",
+) -> Evaluator:
+    """The evaluator of one protocol: ``selection`` (noise ``eval.seed``, the selection reference) or ``final``
+    (the final reference; pass each of ``eval.final_seeds`` to ``evaluate(seed=...)``).  Spaces are wrapped
+    in :class:`EvalSpace` so that real and generated images get the same preprocessing."""
     names = [exp.features.eval, *[n for n in exp.features.extra_eval if n != exp.features.eval]]
     spaces: dict[str, torch.nn.Module] = {}
     refs = {}
     for name in names:
-        space = comp.build_space(exp, name, src, device, for_eval=True)
-        sid = comp.space_id(exp, name, src, for_eval=True)
+        space = EvalSpace(comp.build_space(exp, name, src, device, for_eval=True))
+        sid = f"{comp.space_id(exp, name, src, for_eval=True)}|{EVAL_PREPROCESSING_KEY}"
         spaces[name] = space
-        refs[name] = comp.build_reference(exp, space, sid, channels, device)
+        refs[name] = comp.build_reference(exp, space, sid, channels, device, protocol=protocol)
     e = exp.eval
+    role = comp.reference_role(exp, protocol)
+    n = e.num_samples if protocol == "selection" else (e.final_num_samples or e.num_samples)
     return Evaluator(
         spaces,
         refs,
         primary=exp.features.eval,
-        num_samples=e.num_samples,
+        num_samples=n,
         batch_size=e.batch_size,
         seed=e.seed,
         kid_subsets=e.kid_subsets,
         kid_subset_size=e.kid_subset_size,
         device=device,
+        reference_name=f"{exp.data.dataset}:{role}",
     )
 
 
@@ -237,10 +266,7 @@ def evaluate_model(setup: Setup, unet: torch.nn.Module) -> EvalResult:
             den.eps_fn(unet),
             den.schedule,
             (den.channels, den.resolution, den.resolution),
-            timesteps=exp.sampler.timesteps,
-            sampler=exp.sampler.name,
-            spacing=exp.sampler.spacing,
-            eta=exp.sampler.eta,
+            chain=chain_of(exp, den),
             dtype=next(unet.parameters()).dtype,
         )
     finally:
@@ -281,19 +307,28 @@ def mmd_loss(
         count=ft.batch_size,
         device=setup.device,
     )
-    gen = torch.Generator().manual_seed(ft.seed * 7919 + step * 4099 + rank)
-    x0 = sample(
+    chain = dataclasses.replace(chain_of(exp, den), timesteps=len(timesteps), grid=tuple(timesteps))
+    z = None
+    if chain.eta > 0:  # per-sample step noise: N workers x b == one process x N*b
+        z = noise_mod.step_noise(
+            shape,
+            len(timesteps),
+            seed=ft.seed + exp.seed,
+            role="train",
+            key=step,
+            start=rank * ft.batch_size,
+            count=ft.batch_size,
+        )
+    x0 = run_chain(
         den.eps_fn(unet),
         noise.to(next(unet.parameters()).dtype),
         den.schedule,
-        timesteps,
-        sampler=sc.name,
-        eta=sc.eta,
-        generator=gen,
+        chain,
+        step_noise=z,
         checkpointing=sc.checkpointing,
     )
     fake = dist_utils.all_gather_with_grad(setup.train_space(x0.float()))
-    real_gen = torch.Generator().manual_seed(ft.seed * 104_729 + step)
+    real_gen = noise_mod.real_batch_generator(ft.seed + exp.seed, step)
     real = setup.bank.sample(real_global, real_gen).to(setup.device)
     return mmd2_unbiased(fake, real, spec, float64=exp.kernel.float64)
 
@@ -328,7 +363,7 @@ def run_finetune(
     opt_cls = torch.optim.AdamW if ft.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=ft.lr, betas=(ft.betas[0], ft.betas[1]), weight_decay=ft.weight_decay)
     spec = kernel_spec(exp)
-    timesteps = select_timesteps(sc.timesteps, den.schedule.num_train_timesteps, sc.spacing)
+    timesteps = chain_of(exp, den).timestep_grid(den.schedule.num_train_timesteps)
     real_global = ft.real_batch_size or ft.batch_size * world
     ckpt_every = ft.checkpoint_every or ft.eval_every
 
