@@ -47,10 +47,10 @@ def main() -> int:
 
     import pandas as pd
 
-    from mmdsweep import evaluate as ev
     from mmdsweep.assets import components as comp
     from mmdsweep.config import load_experiment, parse_override
     from mmdsweep.inference.generate import prepare_model, quiet_diffusers
+    from mmdsweep.train import protocol as ev
     from mmdsweep.utils import resolve_device, set_threads
 
     overrides: dict[str, Any] = dict(parse_override(x) for x in args.set)

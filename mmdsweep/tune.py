@@ -510,10 +510,10 @@ def _baseline(grid: Any) -> dict[str, dict[str, Any]]:
 def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Export the best checkpoint per T (or say why not), score it and every training-free baseline under the
     final protocol (fresh seeds, held-out reference; ``evaluation.parquet``), and measure sampling speed."""
-    from mmdsweep import evaluate as ev
     from mmdsweep.inference.export import export_pipeline
     from mmdsweep.results import read_trials
     from mmdsweep.results.layout import SweepLayout
+    from mmdsweep.train import protocol as ev
 
     trials = read_trials(sdir)
     exports: dict[str, str] = {}
@@ -570,7 +570,7 @@ def final_evaluation(
     den, _, _, _ = prepare_model(base_dir, device)
     evaluator = ev.build_final_evaluator(exp, den.channels, device)
     rows: list[dict[str, Any]] = []
-    for T, (ckpt, trial_id, _) in sorted(best_ckpts.items()):
+    for _T, (ckpt, trial_id, _) in sorted(best_ckpts.items()):
         rows += ev.final_rows_for_model(exp, ckpt, evaluator, trial_id=trial_id, device=device)
     if exp.eval.baselines:
         rows += ev.baseline_rows(exp, base_dir, best_ckpts, evaluator)

@@ -1,0 +1,339 @@
+"""The final evaluation protocol of a model and its training-free baselines (docs/results.md).
+
+For each fresh noise seed in ``eval.final_seeds`` (k >= 3), ``eval.final_num_samples`` images of the
+recorded chain are scored in every evaluation space against the final reference
+(``eval.final_reference``: the held-out split by default), then mean +- std (ddof=1) over the seeds.
+The baselines are every training-free sampler x spacing of the base model at the same T under the same
+protocol, computed once and cached (key: model + protocol + chain). Rows go to a versioned
+``evaluation.parquet`` (:func:`evaluation_schema`). Used by ``python -m mmdsweep.evaluate`` and by the
+sweep's finalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmdsweep.config import ConfigError, Experiment, from_dict, load_experiment
+
+EVALUATION_SCHEMA_VERSION = "1"
+EVALUATION_FILE = "evaluation.parquet"
+BASELINE_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
+BASELINE_SPACINGS = ("leading", "trailing", "linspace", "quadratic")
+BASELINE_CACHE_VERSION = "1"
+
+
+def evaluation_schema() -> Any:
+    """THE schema of ``evaluation.parquet`` (one row per model-or-baseline x chain x space x seed)."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field("kind", pa.string(), nullable=False),  # "model" | "baseline"
+        pa.field("model", pa.string(), nullable=False),  # checkpoint path, or the base model for baselines
+        pa.field("trial_id", pa.string()),
+        pa.field("sampler", pa.string(), nullable=False),
+        pa.field("spacing", pa.string(), nullable=False),
+        pa.field("timesteps", pa.int64(), nullable=False),
+        pa.field("eta", pa.float64()),
+        pa.field("clip_sample", pa.bool_()),
+        pa.field("final_clamp", pa.bool_()),
+        pa.field("grid", pa.string()),  # JSON list of the timesteps
+        pa.field("space", pa.string(), nullable=False),
+        pa.field("protocol", pa.string(), nullable=False),  # "final" | "selection"
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("reference", pa.string(), nullable=False),
+        pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("fid", pa.float64()),
+        pa.field("kid", pa.float64()),
+        pa.field("preprocessing", pa.string()),
+        pa.field("warnings", pa.string()),  # "; "-joined metric warnings ("" when none), never silenced
+        pa.field("sec_per_image", pa.float64()),
+        pa.field("created_unix", pa.float64()),
+    ]
+    return pa.schema(
+        fields, metadata={b"mmdsweep.evaluation_schema_version": EVALUATION_SCHEMA_VERSION.encode()}
+    )
+
+
+def write_evaluation(rows: Sequence[dict[str, Any]], path: str | Path, *, append: bool = True) -> Path:
+    """Write rows (plus, with ``append``, the rows already in ``path``) atomically with the results writer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdsweep.results import atomic_write_table
+
+    schema = evaluation_schema()
+    out = Path(path)
+    old: list[dict[str, Any]] = []
+    if append and out.is_file():
+        old = pq.read_table(out).to_pylist()
+    table = pa.Table.from_pylist([*old, *[{k: r.get(k) for k in schema.names} for r in rows]], schema=schema)
+    atomic_write_table(table, out)
+    return out
+
+
+def rows_from_results(
+    results: Iterable[Any], *, kind: str, model: str, protocol: str, trial_id: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per (result, space) from :class:`~mmdsweep.inference.evaluation.EvalResult` objects."""
+    rows = []
+    now = time.time()
+    for r in results:
+        ch = r.chain
+        for space, scores in r.per_space.items():
+            warns = [w.removeprefix(f"{space}: ") for w in r.warnings if w.startswith(f"{space}: ")]
+            rows.append(
+                {
+                    "kind": kind,
+                    "model": model,
+                    "trial_id": trial_id,
+                    "sampler": r.sampler,
+                    "spacing": r.spacing,
+                    "timesteps": int(r.timesteps),
+                    "eta": float(ch.get("eta", 0.0)),
+                    "clip_sample": bool(ch.get("clip_sample", False)),
+                    "final_clamp": bool(ch.get("final_clamp", True)),
+                    "grid": json.dumps(ch.get("grid")) if ch.get("grid") else None,
+                    "space": space,
+                    "protocol": protocol,
+                    "seed": int(r.seed),
+                    "reference": r.reference,
+                    "num_samples": int(r.num_samples),
+                    "fid": float(scores["fid"]),
+                    "kid": float(scores["kid"]),
+                    "preprocessing": r.preprocessing.get(space, ""),
+                    "warnings": "; ".join(warns),
+                    "sec_per_image": float(r.sample_time_per_image_s),
+                    "created_unix": now,
+                }
+            )
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> Any:
+    """Mean +- std (ddof=1) over seeds per (kind, model, trial, sampler, spacing, T, space, reference, N)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    keys = [
+        "kind",
+        "model",
+        "trial_id",
+        "sampler",
+        "spacing",
+        "timesteps",
+        "space",
+        "reference",
+        "num_samples",
+    ]
+    df["trial_id"] = df["trial_id"].fillna("")
+    g = df.groupby(keys, dropna=False)
+    out = g.agg(
+        fid_mean=("fid", "mean"),
+        fid_std=("fid", lambda s: float(s.std(ddof=1)) if len(s) > 1 else math.nan),
+        kid_mean=("kid", "mean"),
+        kid_std=("kid", lambda s: float(s.std(ddof=1)) if len(s) > 1 else math.nan),
+        k=("seed", "nunique"),
+        warnings=("warnings", lambda s: "; ".join(sorted({w for w in s if w}))),
+    ).reset_index()
+    return out
+
+
+def best_baselines(summary: Any, space: str) -> Any:
+    """Per T, the baseline with the lowest mean final FID in ``space`` (columns as :func:`summarize`)."""
+    b = summary[(summary["kind"] == "baseline") & (summary["space"] == space)]
+    if b.empty:
+        return b
+    return b.sort_values("fid_mean").groupby("timesteps", as_index=False).first()
+
+
+def gain_vs_best_baseline(
+    model_mean: float, model_std: float, base_mean: float, base_std: float
+) -> dict[str, Any]:
+    """Gain (baseline - model, positive = better) and whether it exceeds 2 std of the difference
+    (std of a difference of two independent means over seeds: sqrt(s1^2 + s2^2))."""
+    gain = base_mean - model_mean
+    s = math.sqrt(
+        (model_std if math.isfinite(model_std) else 0.0) ** 2
+        + (base_std if math.isfinite(base_std) else 0.0) ** 2
+    )
+    return {"gain": gain, "diff_std": s, "beyond_2std": bool(s > 0 and abs(gain) > 2 * s)}
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def _protocol_id(exp: Experiment, evaluator: Any) -> dict[str, Any]:
+    e = exp.eval
+    return {
+        "seeds": list(e.final_seeds),
+        "num_samples": evaluator.num_samples,
+        "reference": evaluator.reference_name,
+        "refs": {name: ref.key for name, ref in evaluator.references.items()},
+        "kid": [e.kid_subsets, e.kid_subset_size],
+        "data_seed": exp.seed,
+    }
+
+
+def _model_id(model_dir: str) -> str:
+    """Content id of a model directory: hash of its weight files' names, sizes and mtimes."""
+    root = Path(model_dir)
+    parts = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json") and p.name != "mmdsweep.json":
+            st = p.stat()
+            parts.append(f"{p.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def build_final_evaluator(exp: Experiment, channels: int, device: Any) -> Any:
+    from mmdsweep.assets import components as comp
+    from mmdsweep.train.loop import build_evaluator
+
+    src = comp.resolve_model_source(exp)
+    return build_evaluator(exp, src, channels, device, protocol="final")
+
+
+_PREPARED: dict[tuple[str, str], Any] = {}
+
+
+def final_rows_for_model(
+    exp: Experiment,
+    model_dir: str | Path,
+    evaluator: Any,
+    *,
+    chain: Any = None,
+    kind: str = "model",
+    trial_id: str | None = None,
+    device: Any = None,
+    label: str | None = None,
+) -> list[dict[str, Any]]:
+    """Final-protocol rows (one per seed x space) of a model directory's chain."""
+    from mmdsweep.inference.evaluation import final_protocol
+    from mmdsweep.inference.generate import prepare_model, read_state, resolve_chain
+
+    key = (str(model_dir), str(device or evaluator.device))
+    if key not in _PREPARED:  # load each model once per process (baselines share the base model)
+        _PREPARED.clear()
+        _PREPARED[key] = prepare_model(str(model_dir), device or evaluator.device)
+    den, eps, dev, shape = _PREPARED[key]
+    if chain is None:
+        chain = resolve_chain(den, None, state=read_state(model_dir))
+    with __import__("torch").no_grad():
+        results = final_protocol(evaluator, eps, den.schedule, shape, chain, exp.eval.final_seeds)
+    return rows_from_results(
+        results, kind=kind, model=label or str(model_dir), protocol="final", trial_id=trial_id
+    )
+
+
+def baseline_rows(
+    exp: Experiment,
+    base_model_dir: str,
+    timesteps: Iterable[int],
+    evaluator: Any,
+    *,
+    samplers: Sequence[str] = BASELINE_SAMPLERS,
+    spacings: Sequence[str] = BASELINE_SPACINGS,
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Every training-free baseline (sampler x spacing) of the base model at each T, final protocol, cached
+    per (model content, protocol, chain) under ``<cache>/baselines``."""
+    import dataclasses
+
+    from mmdsweep.assets import components as comp
+    from mmdsweep.core.sampling import ChainSpec
+    from mmdsweep.inference.generate import prepare_model
+    from mmdsweep.utils import atomic_write_text
+
+    cache = cache_dir or comp.cache_root(exp) / "baselines"
+    den, _, _, _ = prepare_model(base_model_dir, evaluator.device)
+    mid = _model_id(base_model_dir)
+    proto = _protocol_id(exp, evaluator)
+    base_chain = ChainSpec.resolve(
+        sampler="ddim",
+        timesteps=1,
+        spacing=None,
+        eta=0.0,
+        clip_sample=exp.sampler.clip_sample,
+        clip_sample_range=exp.sampler.clip_sample_range,
+        final_clamp=exp.sampler.final_clamp,
+        scheduler_config=den.scheduler_config,
+    )
+    rows: list[dict[str, Any]] = []
+    for T in sorted({int(t) for t in timesteps}):
+        for sampler in samplers:
+            for spacing in spacings:
+                chain = dataclasses.replace(base_chain, sampler=sampler, spacing=spacing, timesteps=T)
+                try:
+                    chain.timestep_grid(den.schedule.num_train_timesteps)
+                except ValueError:
+                    continue  # e.g. a grid that cannot hold T distinct steps
+                key = hashlib.sha256(
+                    json.dumps(
+                        {
+                            "v": BASELINE_CACHE_VERSION,
+                            "model": mid,
+                            "protocol": proto,
+                            "chain": chain.to_dict(),
+                        },
+                        sort_keys=True,
+                    ).encode()
+                ).hexdigest()[:24]
+                path = cache / f"{key}.json"
+                if path.is_file():
+                    rows += json.loads(path.read_text())
+                    continue
+                t0 = time.time()
+                new = final_rows_for_model(
+                    exp, base_model_dir, evaluator, chain=chain, kind="baseline", label=base_model_dir
+                )
+                atomic_write_text(path, json.dumps(new))
+                rows += new
+                if show_progress:
+                    fid = [r["fid"] for r in new if r["space"] == exp.features.eval]
+                    print(
+                        f"baseline {sampler}/{spacing} T={T}: FID {sum(fid) / len(fid):.3f} "
+                        f"({time.time() - t0:.0f}s)",
+                        file=sys.stderr,
+                    )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def experiment_for(checkpoint: Path, experiment: str | None, overrides: dict[str, Any]) -> Experiment:
+    if experiment:
+        return load_experiment(experiment, overrides)
+    state = checkpoint / "state.json"
+    if not state.is_file():
+        raise ConfigError(
+            f"{checkpoint}: no state.json with the experiment it was trained with; pass --experiment FILE"
+        )
+    exp = from_dict(json.loads(state.read_text())["experiment"], source=str(state))
+    return exp.with_overrides(overrides) if overrides else exp
+
+
+def format_summary(summary: Any, primary: str) -> str:
+    if summary is None or len(summary) == 0:
+        return "(no rows)"
+    lines = []
+    for _, r in summary.sort_values(["space", "timesteps", "fid_mean"]).iterrows():
+        std = "" if not math.isfinite(r["fid_std"]) else f" +- {r['fid_std']:.3f}"
+        warn = f"  [warnings: {r['warnings']}]" if r["warnings"] else ""
+        mark = "*" if r["space"] == primary else " "
+        lines.append(
+            f"{mark}{r['space']:<26} T={int(r['timesteps']):<4} {r['kind']:<8} {r['sampler']:<9} "
+            f"{r['spacing']:<10} FID {r['fid_mean']:.3f}{std}  (k={int(r['k'])}, N={int(r['num_samples'])}, "
+            f"ref {r['reference']}){warn}"
+        )
+    return "\n".join(lines)
