@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -212,6 +213,37 @@ class KernelConfig:
         _check(self.imq_c > 0, f"{where}.imq_c", f"must be > 0, got {self.imq_c}")
 
 
+LORA_DEFAULTS: dict[str, Any] = {
+    "rank": 8,
+    "alpha": 8.0,
+    "dropout": 0.0,
+    "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+}
+
+
+def _validate_lora(raw: Any, where: str) -> dict[str, Any]:
+    """``finetune.lora`` filled with defaults and checked: rank >= 1, alpha > 0, dropout in [0, 1)."""
+    _check(isinstance(raw, dict), where, f"must be a mapping, got {raw!r}")
+    unknown = sorted(set(raw) - set(LORA_DEFAULTS))
+    _check(
+        not unknown,
+        f"{where}.{unknown[0] if unknown else ''}",
+        f"unknown key (valid keys: {', '.join(LORA_DEFAULTS)})",
+    )
+    out = {**LORA_DEFAULTS, **raw}
+    out["rank"] = _coerce(out["rank"], int, f"{where}.rank")
+    out["alpha"] = _coerce(out["alpha"], float, f"{where}.alpha")
+    out["dropout"] = _coerce(out["dropout"], float, f"{where}.dropout")
+    out["target_modules"] = _coerce(out["target_modules"], list[str], f"{where}.target_modules")
+    _check(out["rank"] >= 1, f"{where}.rank", f"must be >= 1, got {out['rank']}")
+    _check(
+        math.isfinite(out["alpha"]) and out["alpha"] > 0, f"{where}.alpha", f"must be > 0, got {out['alpha']}"
+    )
+    _check(0 <= out["dropout"] < 1, f"{where}.dropout", f"must be in [0, 1), got {out['dropout']}")
+    _check(len(out["target_modules"]) >= 1, f"{where}.target_modules", "must name at least one module")
+    return out
+
+
 @dataclass
 class FinetuneConfig:
     """The MMD-DDM fine-tuning loop (one per worker). Checkpoints are written with evaluations
@@ -231,9 +263,25 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    micro_batch_size: int | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    adapter: Literal["none", "lora"] = "none"
+    lora: dict[str, Any] = field(default_factory=lambda: dict(LORA_DEFAULTS))
+    compile: bool = False
 
     def validate(self, where: str) -> None:
         _check(self.steps >= 1, f"{where}.steps", f"must be >= 1, got {self.steps}")
+        _check(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            f"{where}.micro_batch_size",
+            f"must be >= 1 or null, got {self.micro_batch_size}",
+        )
+        _check(
+            self.micro_batch_size is None or self.batch_size % self.micro_batch_size == 0,
+            f"{where}.micro_batch_size",
+            f"must divide finetune.batch_size ({self.batch_size}) per worker, got {self.micro_batch_size}",
+        )
+        self.lora = _validate_lora(self.lora, f"{where}.lora")
         _check(self.batch_size >= 2, f"{where}.batch_size", f"must be >= 2, got {self.batch_size}")
         _check(
             self.real_batch_size is None or self.real_batch_size >= 2,
@@ -354,6 +402,7 @@ class ResourcesConfig:
     address: str | None = None
     num_cpus: int | None = None
     object_store_memory: int | None = None
+    gpu_type: Literal["A10G", "A100-40GB", "A100-80GB", "H100", "H200"] | None = None
 
     def validate(self, where: str) -> None:
         _check(self.num_workers >= 1, f"{where}.num_workers", f"must be >= 1, got {self.num_workers}")

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mmdsweep.assets.adapters import merge_adapter_if_any
 from mmdsweep.assets.models import load_denoiser, replace_dir
 
 
@@ -41,7 +42,7 @@ def export_pipeline(
     if state.get("sampler", "ddim") != "ddim":
         # the weights still work with DDIM, but they were tuned for another solver: say so in the metadata
         pass
-    den = load_denoiser(str(ckpt))
+    den = merge_adapter_if_any(ckpt) or load_denoiser(str(ckpt))  # LoRA checkpoints: merged weights
     sched_cfg = den.schedule.to_scheduler_config()
     scheduler = DDIMScheduler.from_config(sched_cfg)
     pipe = DDIMPipeline(unet=den.unet, scheduler=scheduler)
