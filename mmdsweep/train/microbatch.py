@@ -87,7 +87,7 @@ def mmd_backward(
     with torch.no_grad():  # pass 1: features only
         for s, m in parts:
             states.append(_rng_state(dev))
-            local.append(features_fn(s, m).float())
+            local.append(features_fn(s, m))
         gathered = dist_utils.all_gather_with_grad(torch.cat(local))
     del local
     fake = gathered.detach().requires_grad_(True)
