@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import math
 import os
@@ -452,18 +453,38 @@ def prepare_model(setup: Setup, unet: torch.nn.Module) -> tuple[torch.nn.Module,
     return raw, eps
 
 
-def compile_module(module: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(module)`` (parameters shared with ``module``); the module itself if unavailable.
+def compile_module(module: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """``torch.compile(module)`` (parameters shared with ``module``), or ``module`` itself where
+    ``torch.compile`` cannot be set up (a one-line note on stderr says so).
 
-    Compilation happens lazily at the first call; a backend that fails there raises. Here we only
-    catch the case where ``torch.compile`` cannot be set up at all, with a one-line note on stderr.
+    ``backend`` defaults to ``$MMDSWEEP_COMPILE_BACKEND`` or inductor. Compilation happens lazily at
+    the first call (inductor needs a C++ compiler on CPU and takes minutes there for a UNet: the
+    option is meant for GPUs). The chain calls the UNet at T different timesteps with the same
+    shapes, so one graph serves all steps (``dynamic=False``; the timestep is a tensor input).
     """
-    try:
-        compiled: torch.nn.Module = torch.compile(module)  # type: ignore[assignment]
-    except (RuntimeError, ImportError) as e:  # pragma: no cover - depends on the installation
-        print(f"finetune.compile: torch.compile unavailable ({e}); running eagerly", file=sys.stderr)
+    chosen = backend or os.environ.get("MMDSWEEP_COMPILE_BACKEND") or "inductor"
+    reason = compile_unavailable()
+    if reason is not None:
+        print(f"finetune.compile: {reason}; running the UNet eagerly", file=sys.stderr)
         return module
+    compiled: torch.nn.Module = torch.compile(module, backend=chosen, dynamic=False)  # type: ignore[assignment]
     return compiled
+
+
+def compile_unavailable() -> str | None:
+    """None when ``torch.compile`` can run here; else why not (one line)."""
+    if not hasattr(torch, "compile"):  # pragma: no cover - torch < 2.0
+        return "torch.compile is not available in this torch"
+    try:
+        dynamo = importlib.import_module("torch._dynamo")
+    except ImportError as e:  # pragma: no cover - broken installation
+        return f"torch._dynamo cannot be imported ({e})"
+    try:
+        if not dynamo.is_dynamo_supported():  # pragma: no cover
+            return "torch.compile is not supported on this platform/Python"
+    except RuntimeError as e:  # pragma: no cover
+        return f"torch.compile is not supported here ({str(e).splitlines()[0]})"
+    return None
 
 
 def run_finetune(
