@@ -700,7 +700,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args.run_dir or Path(exp.output.dir) / f"finetune-T{exp.sampler.timesteps}")
     if args.dry_run:
+        from mmdsweep.train.memory import dry_run_lines
+
         for line in lines:
+            print(line)
+        for line in dry_run_lines(exp):
             print(line)
         print(f"{exp.source}: ok; run directory would be {run_dir}")
         return 0

@@ -332,6 +332,12 @@ def dry_run_lines(exp: Any) -> list[str]:
     if est is None:
         return [f"memory per worker: estimate unavailable (no UNet config.json for model.path {exp.model.path!r})"]
     lines = est.lines()
+    from mmdsweep.train.precision import check_supported
+
+    where = "cuda" if exp.resources.use_gpu else ("cpu" if exp.finetune.device in ("auto", "cpu") else exp.finetune.device)
+    problem = check_supported(exp.finetune.precision, where)
+    if problem:
+        lines.insert(0, f"error: {problem}")
     if not exp.resources.use_gpu:
         lines.append("  (resources.use_gpu is false: this is what a GPU worker would need; CPU RAM use is similar)")
     return lines
