@@ -56,6 +56,15 @@ FEATURE_ACT_MIB_PER_IMAGE: dict[str, float] = {
     "torchvision:resnet18": 21.2,
     "classifier": 0.05,
 }
+#: the input size at which the table above was measured (the network's native size); the
+#: activations scale with the pixel count of the size actually used (``features.train_resize``)
+FEATURE_NATIVE_SIZE: dict[str, int] = {
+    "inception": 299,
+    "clip": 224,
+    "torchvision:mobilenet_v2": 224,
+    "torchvision:resnet18": 224,
+    "classifier": 0,  # the data resolution
+}
 FEATURE_PARAMS_M: dict[str, float] = {
     "inception": 23.8,
     "clip": 87.8,
@@ -106,7 +115,6 @@ KNOWN_UNET_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 KNOWN_UNET_CONFIGS["google/ddpm-church-256"] = KNOWN_UNET_CONFIGS["google/ddpm-ema-church-256"]
-KNOWN_UNET_CONFIGS["google/ddpm-ema-cifar10-32"] = KNOWN_UNET_CONFIGS["google/ddpm-cifar10-32"]
 KNOWN_UNET_CONFIGS["google/ddpm-celebahq-256"] = KNOWN_UNET_CONFIGS["google/ddpm-ema-church-256"]
 KNOWN_UNET_CONFIGS["google/ddpm-ema-celebahq-256"] = KNOWN_UNET_CONFIGS["google/ddpm-ema-church-256"]
 
@@ -291,6 +299,9 @@ def estimate(
     feat = exp.features.train
     feat_key = feat if feat in FEATURE_ACT_MIB_PER_IMAGE else ("torchvision:mobilenet_v2" if feat.startswith("torchvision:") else feat)
     f_act = FEATURE_ACT_MIB_PER_IMAGE.get(feat_key, math.nan)
+    native = FEATURE_NATIVE_SIZE.get(feat_key, 0)
+    if native and feat_key != "inception" and exp.features.train_resize:
+        f_act *= (exp.features.train_resize / native) ** 2
     f_params = FEATURE_PARAMS_M.get(feat_key, 0.0) * 1e6 * 4 / MiB
 
     def unet_act(with_ckpt: bool) -> float:
