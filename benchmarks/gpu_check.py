@@ -163,7 +163,11 @@ def scale_section(out: Path, *, smoke: bool, device: str) -> int:
     arch = "tiny" if smoke else "cifar10"
     Ts = [2] if smoke else [5, 10, 20]
     batch, micro = (4, 2) if smoke else (128, 32)
-    variants = [("full", "fp32"), ("lora", "bf16")] if smoke else [("full", "fp32"), ("full", "bf16"), ("lora", "bf16")]
+    variants = (
+        [("full", "fp32"), ("lora", "bf16")]
+        if smoke
+        else [("full", "fp32"), ("full", "bf16"), ("lora", "bf16")]
+    )
     rows = [
         {"batch": batch, "micro": micro, "T": T, "ckpt": True, "adapter": a, "precision": p}
         for T in Ts
@@ -194,7 +198,9 @@ def scale_section(out: Path, *, smoke: bool, device: str) -> int:
             f"{mfu:.1%} | {hfu:.1%} |"
         )
     lines += ["", f"Section 5 wall time {time.time() - t0:.0f} s."]
-    tag = "smoke" if smoke else "".join(ch for ch in gpu.lower().replace(" ", "_") if ch.isalnum() or ch == "_")
+    tag = (
+        "smoke" if smoke else "".join(ch for ch in gpu.lower().replace(" ", "_") if ch.isalnum() or ch == "_")
+    )
     path = out / f"gpu_check_{tag}.md"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -72,7 +72,10 @@ def main() -> int:
                 f"{est.steps_part:.0f} | {est.steps_part / measured:.2f} |"
             )
     out += ["", "## 2. CPU (peak RSS in fresh processes, benchmarks/results/microbatch_memory*.json)", ""]
-    out += ["| arch | batch | micro | adapter | precision | measured MiB | estimate MiB |", "|---|---|---|---|---|---|---|"]
+    out += [
+        "| arch | batch | micro | adapter | precision | measured MiB | estimate MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in sorted(RES.glob("microbatch_memory*.json")):
         for r in json.loads(f.read_text()):
             out.append(
@@ -97,7 +100,10 @@ def main() -> int:
         ("micro_batch_size 1", {"finetune.micro_batch_size": 1}),
         ("LoRA r=8", {"finetune.adapter": "lora"}),
         ("batch 32 per GPU", {"finetune.batch_size": 32}),
-        ("batch 32 per GPU, micro 4, bf16", {"finetune.batch_size": 32, "finetune.micro_batch_size": 4, "finetune.precision": "bf16"}),
+        (
+            "batch 32 per GPU, micro 4, bf16",
+            {"finetune.batch_size": 32, "finetune.micro_batch_size": 4, "finetune.precision": "bf16"},
+        ),
     ]
     p_fp32 = probe_unet(church, "fp32", None)
     p_cache: dict[tuple[str, bool], Any] = {("fp32", False): p_fp32}
@@ -111,7 +117,13 @@ def main() -> int:
             assert est is not None
             scaled = ""
             mkey = (exp.finetune.micro_batch_size, exp.finetune.adapter)
-            if measured_church and not ov.get("sampler.checkpointing", True) is False and mkey in measured_church and exp.finetune.batch_size == 4 and exp.finetune.precision == "fp32":
+            if (
+                measured_church
+                and ov.get("sampler.checkpointing", True) is not False
+                and mkey in measured_church
+                and exp.finetune.batch_size == 4
+                and exp.finetune.precision == "fp32"
+            ):
                 r = measured_church[mkey]
                 # steps part measured at 64x64 (activations ~ pixels) scaled x16; resident part from the estimate
                 resident = est.weights + est.optimizer + est.ema + est.feature_network

@@ -81,7 +81,11 @@ def build(arch: str, row: dict[str, Any], device: Any) -> tuple[Any, Any]:
     raw = {
         "data": {"dataset": "digits", "resolution": res},
         "sampler": {"name": "ddim", "timesteps": row.get("T", T), "checkpointing": row.get("ckpt", True)},
-        "features": {"train": feats, "eval": feats, "train_resize": res if feats.startswith("torchvision:") else None},
+        "features": {
+            "train": feats,
+            "eval": feats,
+            "train_resize": res if feats.startswith("torchvision:") else None,
+        },
         "finetune": {
             "batch_size": row["batch"],
             "micro_batch_size": row["micro"],
@@ -92,7 +96,11 @@ def build(arch: str, row: dict[str, Any], device: Any) -> tuple[Any, Any]:
     }
     exp = from_dict(raw)
     cfg_sched = scheduler_config_for(1000, "linear", 1e-4, 0.02)
-    den = Denoiser(unet=unet.to(device), schedule=NoiseSchedule.from_scheduler_config(cfg_sched), scheduler_config=cfg_sched)
+    den = Denoiser(
+        unet=unet.to(device),
+        schedule=NoiseSchedule.from_scheduler_config(cfg_sched),
+        scheduler_config=cfg_sched,
+    )
     if feats == "inception":
         import torchvision
 
@@ -105,7 +113,9 @@ def build(arch: str, row: dict[str, Any], device: Any) -> tuple[Any, Any]:
                 self.net = net
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                x = torch.nn.functional.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+                x = torch.nn.functional.interpolate(
+                    x.float(), size=(299, 299), mode="bilinear", align_corners=False
+                )
                 return self.net(x)  # type: ignore[no-any-return]
 
         space: torch.nn.Module = Space()
@@ -119,7 +129,11 @@ def build(arch: str, row: dict[str, Any], device: Any) -> tuple[Any, Any]:
     else:
         dim = 64
         space = torch.nn.Sequential(
-            torch.nn.Conv2d(ch, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(256, dim)
+            torch.nn.Conv2d(ch, 16, 3, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(4),
+            torch.nn.Flatten(),
+            torch.nn.Linear(256, dim),
         )
     space = space.to(device).eval().requires_grad_(False)
 
@@ -175,7 +189,12 @@ def measure(arch: str, row: dict[str, Any], steps: int, device_name: str) -> dic
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     dt = (time.perf_counter() - t0) / steps
     trainable, total = adapters.count_trainable(model)
-    est = estimate(exp, config=dict(setup.denoiser.unet.config) if not adapters.is_adapter(model) else dict(model.get_base_model().config))
+    est = estimate(
+        exp,
+        config=dict(setup.denoiser.unet.config)
+        if not adapters.is_adapter(model)
+        else dict(model.get_base_model().config),
+    )
     return {
         **row,
         "arch": arch,
@@ -194,7 +213,18 @@ def run_rows(arch: str, rows: list[dict[str, Any]], steps: int, device: str) -> 
     out = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
     for row in rows:
-        cmd = [sys.executable, __file__, "--arch", arch, "--steps", str(steps), "--device", device, "--_one", json.dumps(row)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--arch",
+            arch,
+            "--steps",
+            str(steps),
+            "--device",
+            device,
+            "--_one",
+            json.dumps(row),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)

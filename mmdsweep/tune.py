@@ -420,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         from mmdsweep.train.memory import dry_run_lines
 
-        for line in dry_run_lines(exp):  # per-worker memory estimate (base config, largest searched T: see docs/scale.md)
+        for line in dry_run_lines(
+            exp
+        ):  # per-worker memory estimate (base config, largest searched T: see docs/scale.md)
             print(line)
         print(f"{exp.source}: ok; results would go to {sweep_dir(exp)}")
         return 0

@@ -37,7 +37,9 @@ class Bank:
 
     def __init__(self, dtype: torch.dtype) -> None:
         g = torch.Generator().manual_seed(321)
-        self.pool = torch.tanh(torch.randn(256, FEAT_DIM, generator=g, dtype=torch.float64) * 0.7 + 0.1).to(dtype)
+        self.pool = torch.tanh(torch.randn(256, FEAT_DIM, generator=g, dtype=torch.float64) * 0.7 + 0.1).to(
+            dtype
+        )
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return self.pool[torch.randperm(self.pool.shape[0], generator=generator)[:n]]

@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
+from scale_fixture import grads, rel_err, tiny_experiment, tiny_setup
 
 from mmdsweep.core.sampling import select_timesteps
 from mmdsweep.train.loop import compile_module, compile_unavailable, kernel_spec, mmd_step, prepare_model
-from scale_fixture import grads, rel_err, tiny_experiment, tiny_setup
 
 
 def _step(compile_backend: str | None, monkeypatch: pytest.MonkeyPatch) -> tuple[float, dict, str]:
@@ -64,7 +64,9 @@ def test_unavailable_compile_falls_back_with_a_message(
     assert "running the UNet eagerly" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.environ.get("MMDSWEEP_TEST_INDUCTOR") != "1", reason="inductor takes ~8 min on 2 CPU cores")
+@pytest.mark.skipif(
+    os.environ.get("MMDSWEEP_TEST_INDUCTOR") != "1", reason="inductor takes ~8 min on 2 CPU cores"
+)
 def test_inductor_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     loss_e, g_e, _ = _step(None, monkeypatch)
     loss_c, g_c, _ = _step("inductor", monkeypatch)

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from scale_fixture import tiny_experiment, tiny_setup
 
 from mmdsweep.assets.adapters import merge_adapter_if_any
 from mmdsweep.assets.models import save_denoiser
 from mmdsweep.core.sampling import select_timesteps
 from mmdsweep.train import adapters
-from mmdsweep.train.loop import RunState, kernel_spec, load_training_state, mmd_step, prepare_model, save_checkpoint
-from scale_fixture import tiny_experiment, tiny_setup
+from mmdsweep.train.loop import (
+    RunState,
+    kernel_spec,
+    load_training_state,
+    mmd_step,
+    prepare_model,
+    save_checkpoint,
+)
 
 LORA = {"finetune.adapter": "lora", "finetune.lora.rank": 4, "finetune.lora.alpha": 8.0}
 
@@ -87,7 +94,14 @@ def test_checkpoint_holds_only_the_adapter_and_resumes_and_exports(tmp_path: Pat
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ckpt = tmp_path / "ckpt"
     save_checkpoint(
-        ckpt, model, None, opt, setup.denoiser.scheduler_config, RunState(step=3), exp, base_model=str(base_dir)
+        ckpt,
+        model,
+        None,
+        opt,
+        setup.denoiser.scheduler_config,
+        RunState(step=3),
+        exp,
+        base_model=str(base_dir),
     )
     assert not (ckpt / "unet").exists()
     files = {p.name for p in (ckpt / "adapter").iterdir()}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from scale_fixture import tiny_experiment, tiny_setup
 
 from mmdsweep.core.sampling import select_timesteps
 from mmdsweep.train.memory import (
@@ -18,7 +19,6 @@ from mmdsweep.train.memory import (
     saved_activation_bytes,
     unet_config,
 )
-from scale_fixture import tiny_experiment, tiny_setup
 
 
 def _exp(**kw: object):
@@ -43,10 +43,14 @@ def test_saved_bytes_deduplicate_storages_and_skip_parameters() -> None:
 def test_components_move_the_way_they_should() -> None:
     base = estimate(_exp(**{"finetune.batch_size": 16, "sampler.timesteps": 4}))
     assert base is not None
-    no_ckpt = estimate(_exp(**{"finetune.batch_size": 16, "sampler.timesteps": 4, "sampler.checkpointing": False}))
+    no_ckpt = estimate(
+        _exp(**{"finetune.batch_size": 16, "sampler.timesteps": 4, "sampler.checkpointing": False})
+    )
     assert no_ckpt is not None
     assert no_ckpt.unet_activations == pytest.approx(4 * base.unet_activations, rel=0.02)
-    micro = estimate(_exp(**{"finetune.batch_size": 16, "finetune.micro_batch_size": 4, "sampler.timesteps": 4}))
+    micro = estimate(
+        _exp(**{"finetune.batch_size": 16, "finetune.micro_batch_size": 4, "sampler.timesteps": 4})
+    )
     assert micro is not None and micro.unet_activations < 0.3 * base.unet_activations
     assert micro.weights == base.weights and micro.optimizer == base.optimizer
     lora = estimate(_exp(**{"finetune.batch_size": 16, "finetune.adapter": "lora"}))
@@ -66,9 +70,12 @@ def test_estimate_matches_the_activations_of_a_real_step() -> None:
     unet = setup.denoiser.unet
     exclude = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     ts = select_timesteps(3, 1000)
-    measured = saved_activation_bytes(
-        lambda b: generate_features(setup, setup.denoiser.eps_fn(unet), 0, ts, 0, b), 8, exclude
-    ) / 2**20
+    measured = (
+        saved_activation_bytes(
+            lambda b: generate_features(setup, setup.denoiser.eps_fn(unet), 0, ts, 0, b), 8, exclude
+        )
+        / 2**20
+    )
     est = estimate(exp, config=dict(unet.config))
     assert est is not None
     assert est.unet_activations == pytest.approx(measured, rel=0.25)

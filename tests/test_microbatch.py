@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from scale_fixture import grads, rel_err, tiny_experiment, tiny_setup
 
 from mmdsweep.config import ConfigError
 from mmdsweep.core.sampling import select_timesteps
 from mmdsweep.train import distributed as du
 from mmdsweep.train.loop import kernel_spec, mmd_step
 from mmdsweep.train.microbatch import chunks
-from scale_fixture import grads, rel_err, tiny_experiment, tiny_setup
 
 
 def _step(micro: int | None, *, batch: int, rank: int = 0, dtype: torch.dtype = torch.float64, **cfg: object):

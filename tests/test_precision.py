@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scale_fixture import cosine, grads, rel_err, tiny_experiment, tiny_setup
 
 from mmdsweep.core.sampling import select_timesteps
 from mmdsweep.train.loop import kernel_spec, mmd_step, prepare_model
 from mmdsweep.train.precision import LossScaler, autocast_dtype, check_supported, wrap_denoiser
-from scale_fixture import cosine, grads, rel_err, tiny_experiment, tiny_setup
 
 
 def _grad(precision: str) -> tuple[float, dict[str, torch.Tensor]]:
@@ -16,7 +16,9 @@ def _grad(precision: str) -> tuple[float, dict[str, torch.Tensor]]:
     setup = tiny_setup(exp, attention=True)
     raw, eps = prepare_model(setup, setup.denoiser.unet)
     scaler = LossScaler(precision)
-    loss, _ = mmd_step(setup, eps, 3, select_timesteps(3, 1000), kernel_spec(exp), 32, grad_scale=scaler.scale)
+    loss, _ = mmd_step(
+        setup, eps, 3, select_timesteps(3, 1000), kernel_spec(exp), 32, grad_scale=scaler.scale
+    )
     assert scaler.unscale_and_check(p for p in raw.parameters())
     return float(loss), grads(raw)
 

@@ -141,7 +141,9 @@ def saved_activation_bytes(fn: Callable[[int], torch.Tensor], batch: int, exclud
     return sum(seen.values())
 
 
-def per_image_activation_mib(module: torch.nn.Module, fn: Callable[[int], torch.Tensor]) -> tuple[float, float]:
+def per_image_activation_mib(
+    module: torch.nn.Module, fn: Callable[[int], torch.Tensor]
+) -> tuple[float, float]:
     """(per-call constant, per-image) MiB from batch 1 and 2 (autocast weight copies land in the constant)."""
     exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
     a1 = saved_activation_bytes(fn, 1, exclude)
@@ -157,7 +159,9 @@ def unet_config(exp: Any) -> dict[str, Any] | None:
         from mmdsweep.assets.models import build_unet
 
         channels = exp.data.channels or (1 if exp.data.dataset == "digits" else 3)
-        unet = build_unet(exp.data.resolution, channels, p.block_out_channels, p.layers_per_block, p.attention)
+        unet = build_unet(
+            exp.data.resolution, channels, p.block_out_channels, p.layers_per_block, p.attention
+        )
         return dict(unet.config)
     path = exp.model.path
     try:
@@ -258,19 +262,31 @@ class MemoryEstimate:
             f" ({'checkpointed' if self.checkpointing else 'all T steps'}, {self.images_per_pass} images at once)"
             f" + feature activations {self.feature_activations / gib:.2f} + chain {self.chain_state / gib:.2f} GiB"
         )
-        head = f"memory per worker: ~{self.total / gib:.1f} GiB peak (allocator {self.allocated / gib:.1f} GiB"
+        head = (
+            f"memory per worker: ~{self.total / gib:.1f} GiB peak (allocator {self.allocated / gib:.1f} GiB"
+        )
         head += f" x{FRAGMENTATION:.2f} + CUDA context {CUDA_CONTEXT_MIB / gib:.1f} GiB)"
-        out = [head, "  " + parts, f"  trainable parameters {self.trainable / 1e6:.2f}M of {self.params / 1e6:.2f}M"]
+        out = [
+            head,
+            "  " + parts,
+            f"  trainable parameters {self.trainable / 1e6:.2f}M of {self.params / 1e6:.2f}M",
+        ]
         alt = self.extra
         if "other_checkpointing_total" in alt:
             other = "without" if self.checkpointing else "with"
-            out.append(f"  {other} per-step checkpointing it would be ~{alt['other_checkpointing_total'] / gib:.1f} GiB")
+            out.append(
+                f"  {other} per-step checkpointing it would be ~{alt['other_checkpointing_total'] / gib:.1f} GiB"
+            )
         verdict = self.fits()
         if verdict is not None:
             cap = GPU_MEMORY_MIB[str(self.gpu_type)] / gib
             out.append(
                 f"  {self.gpu_type} ({cap:.1f} GiB): "
-                + ("fits" if verdict else "DOES NOT FIT: set finetune.micro_batch_size, precision bf16, adapter lora, or sampler.checkpointing")
+                + (
+                    "fits"
+                    if verdict
+                    else "DOES NOT FIT: set finetune.micro_batch_size, precision bf16, adapter lora, or sampler.checkpointing"
+                )
             )
         return out
 
@@ -297,7 +313,11 @@ def estimate(
     ch = int(cfg.get("in_channels", 3))
     image_mib = ch * res * res * 4 / MiB
     feat = exp.features.train
-    feat_key = feat if feat in FEATURE_ACT_MIB_PER_IMAGE else ("torchvision:mobilenet_v2" if feat.startswith("torchvision:") else feat)
+    feat_key = (
+        feat
+        if feat in FEATURE_ACT_MIB_PER_IMAGE
+        else ("torchvision:mobilenet_v2" if feat.startswith("torchvision:") else feat)
+    )
     f_act = FEATURE_ACT_MIB_PER_IMAGE.get(feat_key, math.nan)
     native = FEATURE_NATIVE_SIZE.get(feat_key, 0)
     if native and feat_key != "inception" and exp.features.train_resize:
@@ -329,7 +349,9 @@ def estimate(
         checkpointing=ckpt,
         extra={},
     )
-    other = (est.allocated - est.unet_activations - est.chain_state + unet_act(not ckpt) + chain(not ckpt)) * FRAGMENTATION
+    other = (
+        est.allocated - est.unet_activations - est.chain_state + unet_act(not ckpt) + chain(not ckpt)
+    ) * FRAGMENTATION
     est.extra["other_checkpointing_total"] = other + CUDA_CONTEXT_MIB
     return est
 
@@ -339,18 +361,28 @@ def dry_run_lines(exp: Any) -> list[str]:
     try:
         est = estimate(exp)
     except Exception as e:  # noqa: BLE001 - a dry run must not die on the estimate
-        return [f"memory per worker: estimate unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+        return [
+            f"memory per worker: estimate unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ]
     if est is None:
-        return [f"memory per worker: estimate unavailable (no UNet config.json for model.path {exp.model.path!r})"]
+        return [
+            f"memory per worker: estimate unavailable (no UNet config.json for model.path {exp.model.path!r})"
+        ]
     lines = est.lines()
     from mmdsweep.train.precision import check_supported
 
-    where = "cuda" if exp.resources.use_gpu else ("cpu" if exp.finetune.device in ("auto", "cpu") else exp.finetune.device)
+    where = (
+        "cuda"
+        if exp.resources.use_gpu
+        else ("cpu" if exp.finetune.device in ("auto", "cpu") else exp.finetune.device)
+    )
     problem = check_supported(exp.finetune.precision, where)
     if problem:
         lines.insert(0, f"error: {problem}")
     if not exp.resources.use_gpu:
-        lines.append("  (resources.use_gpu is false: this is what a GPU worker would need; CPU RAM use is similar)")
+        lines.append(
+            "  (resources.use_gpu is false: this is what a GPU worker would need; CPU RAM use is similar)"
+        )
     return lines
 
 
