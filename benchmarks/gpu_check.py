@@ -80,6 +80,7 @@ def main() -> int:
     fg = gpu.train_space(xg)
     fg.sum().backward()
     rel = ((fc - fg.detach().cpu()).norm() / fc.norm()).item()
+    assert xg.grad is not None
     print(
         f"[2] {exp.features.train}: rel. diff cuda/cpu {rel:.2e}; input grad finite "
         f"{bool(torch.isfinite(xg.grad).all())}, |grad| {xg.grad.norm().item():.3e}",

@@ -93,7 +93,7 @@ def main() -> int:
         "| configuration | GPU | estimate GiB (peak incl. context) | fits | measured at 64x64 on CPU, scaled to 256 GiB |",
         "|---|---|---|---|---|",
     ]
-    variants = [
+    variants: list[tuple[str, dict[str, Any]]] = [
         ("as in lsun.yaml (fp32, checkpointing)", {}),
         ("no checkpointing", {"sampler.checkpointing": False}),
         ("bf16", {"finetune.precision": "bf16"}),

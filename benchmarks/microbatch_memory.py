@@ -193,7 +193,7 @@ def measure(arch: str, row: dict[str, Any], steps: int, device_name: str) -> dic
         exp,
         config=dict(setup.denoiser.unet.config)
         if not adapters.is_adapter(model)
-        else dict(model.get_base_model().config),
+        else dict(model.get_base_model().config),  # type: ignore[operator]
     )
     return {
         **row,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from mmdsweep.train.loop import kernel_spec, mmd_step
 from mmdsweep.train.microbatch import chunks
 
 
-def _step(micro: int | None, *, batch: int, rank: int = 0, dtype: torch.dtype = torch.float64, **cfg: object):
+def _step(micro: int | None, *, batch: int, rank: int = 0, dtype: torch.dtype = torch.float64, **cfg: Any):
     exp = tiny_experiment(
         **{"finetune.batch_size": batch, "finetune.micro_batch_size": micro, **cfg}  # type: ignore[arg-type]
     )
@@ -92,7 +93,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        loss, g = _step(2, batch=4, rank=rank, **{"sampler.eta": 0.5})
+        loss, g = _step(2, batch=4, rank=rank, **{"sampler.eta": 0.5})  # type: ignore[arg-type]
         if rank == 0:
             torch.save({"loss": loss, "grads": g}, out)
     finally:
@@ -108,6 +109,6 @@ def test_two_workers_with_micro_batches_equal_one_process(tmp_path: Path) -> Non
     init = tempfile.mktemp(dir=tmp_path)
     mp.spawn(_dist_worker, args=(2, init, out), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
-    loss_full, g_full = _step(None, batch=8, **{"sampler.eta": 0.5})
+    loss_full, g_full = _step(None, batch=8, **{"sampler.eta": 0.5})  # type: ignore[arg-type]
     torch.testing.assert_close(got["loss"], loss_full, rtol=1e-12, atol=0)
     assert rel_err(got["grads"], g_full) <= 1e-5

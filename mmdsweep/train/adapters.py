@@ -44,7 +44,7 @@ def lora_config(settings: dict[str, Any]) -> Any:
 
     return peft.LoraConfig(
         r=int(settings["rank"]),
-        lora_alpha=float(settings["alpha"]),
+        lora_alpha=float(settings["alpha"]),  # type: ignore[arg-type]  # peft annotates int, uses a float scale
         lora_dropout=float(settings["dropout"]),
         target_modules=list(settings["target_modules"]),
         init_lora_weights=True,
