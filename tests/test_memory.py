@@ -113,3 +113,23 @@ def test_dry_run_prints_the_estimate(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "memory per worker" in out and "A10G" in out and "fits" in out
+
+
+def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py --smoke: section 5 (step time, peak memory, MFU table) at tiny sizes on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "gpu_check_smoke.md").read_text()
+    assert "| T | weights | precision |" in table and "| 2 | lora | bf16 |" in table and "| 2 | none | fp32 |" in table
