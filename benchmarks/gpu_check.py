@@ -165,9 +165,9 @@ def scale_section(out: Path, *, smoke: bool, device: str) -> int:
     Ts = [2] if smoke else [5, 10, 20]
     batch, micro = (4, 2) if smoke else (128, 32)
     variants = (
-        [("full", "fp32"), ("lora", "bf16")]
+        [("none", "fp32"), ("lora", "bf16")]
         if smoke
-        else [("full", "fp32"), ("full", "bf16"), ("lora", "bf16")]
+        else [("none", "fp32"), ("none", "bf16"), ("lora", "bf16")]
     )
     rows = [
         {"batch": batch, "micro": micro, "T": T, "ckpt": True, "adapter": a, "precision": p}
