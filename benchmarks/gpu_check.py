@@ -5,8 +5,19 @@
 3. Fine-tuning step cost and peak CUDA memory for T = 5, 10, 20 with and without per-step
    checkpointing, for the digits UNet and for google/ddpm-cifar10-32's architecture.
 4. MMD-DDM fine-tuning of the embedded default at T=5 on CUDA: FID before -> after, wall time.
+5. Real scale (cifar10 architecture, 35.7M parameters, batch 128 per GPU in micro-batches of 32,
+   per-step checkpointing, mobilenet_v2 features at 32x32): step time, peak memory and model FLOP
+   utilisation at T = 5/10/20 for full fine-tuning fp32 / bf16 and LoRA bf16; written to
+   ``benchmarks/results/gpu_check_scale_<gpu>.md``. Each row runs in a fresh process.
 
-    python benchmarks/gpu_check.py [--cache DIR] [--out DIR]
+    python benchmarks/gpu_check.py [--cache DIR] [--out DIR]      # < 8 minutes on one H100/H200
+    python benchmarks/gpu_check.py --smoke                        # section 5 only, tiny sizes, CPU
+
+MFU = model FLOPs per second / the GPU's dense peak (bf16 tensor-core peak for bf16, fp32 for fp32),
+with model FLOPs = 3 x (UNet forward FLOPs) x T per image (forward + backward; the recomputation of
+checkpointing and the no-grad pass of micro-batching are overhead, not model FLOPs). HFU counts them
+(5 x forward x T per image with micro-batching and checkpointing). Forward FLOPs are counted with
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions).
 """
 
 from __future__ import annotations
@@ -31,8 +42,13 @@ def main() -> int:
         "--device", default="cuda", help="cuda (the point of this script), or cpu for a smoke test"
     )
     ap.add_argument("--skip-step-cost", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="only section 5, tiny sizes, on the CPU (a test)")
+    ap.add_argument("--scale-only", action="store_true", help="only section 5")
     args = ap.parse_args()
     import torch
+
+    if args.smoke or args.scale_only:
+        return scale_section(Path(args.out), smoke=args.smoke, device="cpu" if args.smoke else args.device)
 
     from mmdsweep.config import load_experiment
     from mmdsweep.core.sampling import sample, select_timesteps
@@ -64,6 +80,7 @@ def main() -> int:
     fg = gpu.train_space(xg)
     fg.sum().backward()
     rel = ((fc - fg.detach().cpu()).norm() / fc.norm()).item()
+    assert xg.grad is not None
     print(
         f"[2] {exp.features.train}: rel. diff cuda/cpu {rel:.2e}; input grad finite "
         f"{bool(torch.isfinite(xg.grad).all())}, |grad| {xg.grad.norm().item():.3e}",
@@ -101,6 +118,95 @@ def main() -> int:
     )
     if after:
         print("    per space: " + json.dumps(after.per_space), flush=True)
+    return scale_section(out, smoke=False, device=args.device)
+
+
+#: dense peak TFLOP/s (no sparsity) by precision
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp32": 35.0},
+}
+
+
+def _peak(name: str, precision: str) -> float:
+    for key, v in PEAK_TFLOPS.items():
+        if key in name:
+            return v["bf16" if precision == "bf16" else "fp32"] * 1e12
+    return float("nan")
+
+
+def unet_forward_flops(arch: str) -> float:
+    """FLOPs of one UNet forward per image (FlopCounterMode at batch 1, on the CPU)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from microbatch_memory import build
+
+    _, setup = build(arch, {"batch": 2, "micro": None}, torch.device("cpu"))
+    unet = setup.denoiser.unet
+    c = setup.denoiser.channels
+    r = setup.denoiser.resolution
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        unet(torch.randn(1, c, r, r), torch.tensor([500]))
+    return float(fc.get_total_flops())
+
+
+def scale_section(out: Path, *, smoke: bool, device: str) -> int:
+    """Section 5: step time, peak memory and MFU of micro-batched MMD-DDM steps (rows in fresh processes)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from microbatch_memory import run_rows
+
+    arch = "tiny" if smoke else "cifar10"
+    Ts = [2] if smoke else [5, 10, 20]
+    batch, micro = (4, 2) if smoke else (128, 32)
+    variants = (
+        [("none", "fp32"), ("lora", "bf16")]
+        if smoke
+        else [("none", "fp32"), ("none", "bf16"), ("lora", "bf16")]
+    )
+    rows = [
+        {"batch": batch, "micro": micro, "T": T, "ckpt": True, "adapter": a, "precision": p}
+        for T in Ts
+        for a, p in variants
+    ]
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    t0 = time.time()
+    got = run_rows(arch, rows, 1 if smoke else 2, device)
+    flops = unet_forward_flops(arch)
+    lines = [
+        f"# GPU check, real scale ({gpu}; arch {arch}, batch {batch} per GPU in micro-batches of {micro}, "
+        f"per-step checkpointing; {time.strftime('%Y-%m-%d')})",
+        "",
+        f"UNet forward: {flops / 1e9:.2f} GFLOP per image. MFU = 3 x forward x T per image / step time / peak; "
+        "HFU adds the recomputation and the no-grad pass (5 x forward x T).",
+        "",
+        "| T | weights | precision | trainable M | s/step | ms/image | peak MiB | estimate MiB | MFU | HFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in got:
+        peak = _peak(gpu, r["precision"])
+        per_s = r["batch"] / r["s_per_step"]
+        mfu = 3 * flops * r["T"] * per_s / peak
+        hfu = 5 * flops * r["T"] * per_s / peak
+        lines.append(
+            f"| {r['T']} | {r.get('adapter', 'none')} | {r['precision']} | {r['trainable_m']:.2f} | "
+            f"{r['s_per_step']:.3f} | {r['ms_per_image']:.2f} | {r['peak_mib']:.0f} | {r['estimate_mib']:.0f} | "
+            f"{mfu:.1%} | {hfu:.1%} |"
+        )
+    lines += ["", f"Section 5 wall time {time.time() - t0:.0f} s."]
+    tag = (
+        "smoke" if smoke else "".join(ch for ch in gpu.lower().replace(" ", "_") if ch.isalnum() or ch == "_")
+    )
+    path = out / f"gpu_check_{tag}.md"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    print(f"[5] wrote {path}", flush=True)
     return 0
 
 

@@ -768,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
             + (f" + {r.gpus_per_worker} GPU" if r.use_gpu else "")
             + f" per trial; address {r.address or os.environ.get('RAY_ADDRESS') or 'local'}"
         )
+        from mmdsweep.train.memory import dry_run_lines
+
+        for line in dry_run_lines(
+            exp
+        ):  # per-worker memory estimate (base config, largest searched T: see docs/scale.md)
+            print(line)
         print(f"{exp.source}: ok; results would go to {sweep_dir(exp)}")
         return 0
     previous = signal.getsignal(signal.SIGTERM)

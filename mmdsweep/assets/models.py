@@ -122,6 +122,16 @@ def _hf_hub_cache() -> Path:
     return home / "hub"
 
 
+#: what users should know about Hub models the shipped experiments name (added to "not found" errors)
+HUB_NOTES: dict[str, str] = {
+    "google/ddpm-cifar10-32": (
+        "; note: this repository holds the NON-EMA weights (FID ~12.4 with 1000 steps, not the paper's ~3.2 "
+        "EMA model); for paper-comparable runs convert the EMA checkpoint and set model.path (docs/scale.md)"
+    ),
+    "google/ddpm-ema-church-256": "; this is the EMA model of LSUN-Church 256 used by the MMD-DDM paper",
+}
+
+
 def resolve_model_dir(path: str, revision: str | None = None) -> Path:
     """A local directory, or a hub repository id looked up in the local Hugging Face cache only."""
     p = Path(os.path.expanduser(path))
@@ -146,10 +156,13 @@ def resolve_model_dir(path: str, revision: str | None = None) -> Path:
             candidates = sorted(snapshots.iterdir(), key=lambda q: q.stat().st_mtime)
             if candidates:
                 return candidates[-1]
+        note = HUB_NOTES.get(path, "")
         raise ModelNotFoundError(
             f"model.path: {path} is not in the Hugging Face cache ({cache}); nothing is downloaded at run "
-            f"time: fetch it once with `huggingface-cli download {path}` (or `hf download {path}`) on a "
-            "machine with access, or point model.path at a local directory"
+            f"time: fetch the UNet config + weights and the scheduler config once on a machine with access, "
+            f"with the same HF_HOME: `hf download {path} --include '*.json' 'diffusion_pytorch_model.*'`"
+            f" (config.json, scheduler_config.json, diffusion_pytorch_model.safetensors/.bin), "
+            f"or point model.path at a local directory{note}"
         )
     raise ModelNotFoundError(f"model.path: {p} does not exist; expected a diffusers model directory")
 

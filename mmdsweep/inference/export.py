@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mmdsweep.assets.adapters import merge_adapter_if_any
 from mmdsweep.assets.models import load_denoiser
 from mmdsweep.core.sampling import ChainSpec, NoiseSchedule, select_timesteps
 from mmdsweep.fsio import atomic_dir
@@ -152,7 +153,7 @@ def export_pipeline(
     state: dict[str, Any] = {}
     if (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
-    den = load_denoiser(str(ckpt))
+    den = merge_adapter_if_any(ckpt) or load_denoiser(str(ckpt))  # LoRA checkpoints: merged weights
     chain = chain_from_state(state, den.scheduler_config)
     if chain is None:
         if timesteps is None:

@@ -2,14 +2,19 @@
 
 One optimisation step:
 
-1. draw initial noise z (per sample, seeded by (seed, step, global sample index), so the batch
-   is the same whatever the number of workers);
+1. draw the noise (initial and, for eta > 0, per-step; per sample, seeded by (seed, step,
+   global sample index), so the batch is the same whatever the number of workers or micro-batches);
 2. run the T-step sampler WITH gradients (exactly T denoiser calls, per-step activation
-   checkpointing) to get x0;
-3. map x0 into the training feature space (frozen) and gather the features of all workers
-   keeping gradients, so the MMD is over the global batch;
+   checkpointing; the UNet under autocast for ``finetune.precision`` bf16/fp16) to get x0;
+3. map x0 into the training feature space (frozen, float32) and gather the features of all
+   workers, so the MMD is over the global batch;
 4. unbiased MMD^2 against a real minibatch drawn from the real-feature bank;
-5. backward, average gradients across workers, clip, optimizer step, optional EMA.
+5. backward (in one pass, or in two passes over micro-batches of ``finetune.micro_batch_size``
+   with the exact full-batch gradient: :mod:`mmdsweep.train.microbatch`), average gradients
+   across workers, clip, optimizer step, optional EMA.
+
+The trained parameters are the UNet's, or only LoRA adapters (``finetune.adapter: lora``,
+:mod:`mmdsweep.train.adapters`); ``finetune.compile`` runs the UNet through ``torch.compile``.
 
 Every ``eval_every`` steps the model is scored (FID/KID at T in the evaluation space) and a
 checkpoint is written and reported. The same function runs in one process
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -51,8 +57,10 @@ from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
 from mmdsweep.core.sampling import ChainSpec, run_chain
 from mmdsweep.inference.evaluation import EvalResult, EvalSpace, Evaluator
 from mmdsweep.inference.generate import chain_from_experiment
+from mmdsweep.train import adapters, pretrain
 from mmdsweep.train import distributed as dist_utils
-from mmdsweep.train import pretrain
+from mmdsweep.train.microbatch import mmd_backward
+from mmdsweep.train.precision import LossScaler, check_supported, wrap_denoiser
 from mmdsweep.train.reporting import LocalReporter, Reporter
 from mmdsweep.utils import atomic_write_text, progress, resolve_device, set_threads
 
@@ -88,6 +96,7 @@ class RunState:
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    loss_scaler: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,6 +123,31 @@ def chain_of(exp: Experiment, den: Denoiser) -> ChainSpec:
     return chain_from_experiment(exp, den.scheduler_config)
 
 
+def chain_noise(
+    shape: tuple[int, ...],
+    *,
+    seed: int,
+    step: int,
+    start: int,
+    count: int,
+    num_steps: int,
+    eta: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All the noise of global samples ``start .. start+count`` at one optimisation step.
+
+    Returns ``(x_T, step_noise)``: the initial noise ``(count, *shape)`` and, for ``eta > 0``, the
+    per-step noise ``(num_steps, count, *shape)`` (None for eta = 0). Each sample's noise depends
+    only on (seed, step, its global index), so micro-batches, workers and batch sizes agree.
+    This is the one place the fine-tuning loop draws noise (one call per micro-batch).
+    """
+    x_T = sample_noise(shape, seed=seed, step=step, start=start, count=count, device=device)
+    if eta == 0.0:
+        return x_T, None
+    z = noise_mod.step_noise(shape, num_steps, seed=seed, role="train", key=step, start=start, count=count)
+    return x_T, z.to(device)
+
+
 def kernel_spec(exp: Experiment) -> KernelSpec:
     """The experiment's MMD kernel (:meth:`KernelSpec.from_config`: the one conversion)."""
     return KernelSpec.from_config(exp.kernel)
@@ -138,25 +172,44 @@ def save_checkpoint(
     scheduler_config: dict[str, Any],
     state: RunState,
     exp: Experiment,
+    *,
+    base_model: str | None = None,
 ) -> None:
-    """A checkpoint directory: a diffusers model (``unet/``, ``scheduler/``) + training state."""
+    """A checkpoint directory: a diffusers model (``unet/``, ``scheduler/``) + training state.
+
+    With a LoRA adapter (``model`` a peft model) it holds only the adapter (``adapter/``, peft's
+    safetensors format), ``scheduler/`` and the training state; ``state.json`` names the
+    ``base_model`` directory that :func:`mmdsweep.assets.adapters.merge_adapter_if_any` merges into.
+    """
     chain = chain_from_experiment(exp, scheduler_config)
     # the saved scheduler config carries the chain's clipping, so every later reader sees the trained chain
-    save_denoiser(
-        directory,
-        model,
-        {**scheduler_config, "clip_sample": chain.clip_sample, "clip_sample_range": chain.clip_sample_range},
-    )
+    scheduler_config = {
+        **scheduler_config,
+        "clip_sample": chain.clip_sample,
+        "clip_sample_range": chain.clip_sample_range,
+    }
+    lora = adapters.is_adapter(model)
+    if lora:
+        if base_model is None:
+            raise ValueError("save_checkpoint: a LoRA checkpoint needs base_model")
+        directory.mkdir(parents=True, exist_ok=True)
+        adapters.save_adapter(directory, model)
+        (directory / "scheduler").mkdir(exist_ok=True)
+        (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    else:
+        save_denoiser(directory, model, scheduler_config)
     ts = directory / "train_state"
     ts.mkdir(exist_ok=True)
     if raw is not None:
+        raw_state = adapters.adapter_state(raw) if lora else raw.state_dict()
         save_file(
-            {k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()},
-            ts / "raw_unet.safetensors",
+            {k: v.detach().contiguous().cpu() for k, v in raw_state.items()},
+            ts / ("raw_adapter.safetensors" if lora else "raw_unet.safetensors"),
         )
     torch.save(optimizer.state_dict(), ts / "optimizer.pt")
     meta = {
         **asdict(state),
+        **({adapters.BASE_MODEL_KEY: str(base_model)} if lora else {}),
         "timesteps": exp.sampler.timesteps,
         "sampler": exp.sampler.name,
         "spacing": chain.spacing,
@@ -170,13 +223,22 @@ def save_checkpoint(
 def load_training_state(
     directory: Path, model: torch.nn.Module, raw: torch.nn.Module | None, optimizer: torch.optim.Optimizer
 ) -> RunState:
-    """Restore weights, optimizer state and counters from :func:`save_checkpoint`'s directory."""
-    weights = directory / "unet" / "diffusion_pytorch_model.safetensors"
-    model.load_state_dict(load_file(weights))
+    """Restore weights (or the LoRA adapter), optimizer state and counters from :func:`save_checkpoint`'s directory."""
     ts = directory / "train_state"
-    if raw is not None:
-        raw_path = ts / "raw_unet.safetensors"
-        raw.load_state_dict(load_file(raw_path) if raw_path.is_file() else load_file(weights))
+    if adapters.is_adapter(model):
+        adapters.load_adapter(directory, model)
+        if raw is not None:
+            raw_path = ts / "raw_adapter.safetensors"
+            if raw_path.is_file():
+                adapters.set_adapter_state(raw, load_file(raw_path))
+            else:
+                adapters.load_adapter(directory, raw)
+    else:
+        weights = directory / "unet" / "diffusion_pytorch_model.safetensors"
+        model.load_state_dict(load_file(weights))
+        if raw is not None:
+            raw_path = ts / "raw_unet.safetensors"
+            raw.load_state_dict(load_file(raw_path) if raw_path.is_file() else load_file(weights))
     optimizer.load_state_dict(torch.load(ts / "optimizer.pt", weights_only=True, map_location="cpu"))
     meta = json.loads((directory / STATE_FILE).read_text())
     fields = {k: meta[k] for k in RunState.__dataclass_fields__ if k in meta}
@@ -281,6 +343,60 @@ def _eval_on_main(setup: Setup, unet: torch.nn.Module) -> EvalResult | None:
     return res
 
 
+def generate_features(
+    setup: Setup,
+    eps: Any,
+    step: int,
+    timesteps: list[int],
+    start: int,
+    count: int,
+) -> torch.Tensor:
+    """Training-space features of global samples ``start .. start+count`` at ``step`` (differentiable).
+
+    ``eps`` is the denoiser function (``Denoiser.eps_fn``, possibly under autocast). The chain runs
+    in the parameters' dtype (float32, or float64 in tests); the features come out in float32
+    (float64 stays float64).
+    """
+    exp, den, ft, sc = setup.exp, setup.denoiser, setup.exp.finetune, setup.exp.sampler
+    shape = (den.channels, den.resolution, den.resolution)
+    x_T, z = chain_noise(
+        shape,
+        seed=ft.seed + exp.seed,
+        step=step,
+        start=start,
+        count=count,
+        num_steps=len(timesteps),
+        eta=sc.eta,
+        device=setup.device,
+    )
+    dtype = next(den.unet.parameters()).dtype
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    chain = dataclasses.replace(chain_of(exp, den), timesteps=len(timesteps), grid=tuple(timesteps))
+    x0 = run_chain(
+        eps,
+        x_T.to(dtype),
+        den.schedule,
+        chain,
+        step_noise=None if z is None else z.to(dtype),
+        checkpointing=sc.checkpointing,
+    )
+    feats: torch.Tensor = setup.train_space(x0 if x0.dtype == torch.float64 else x0.float())
+    return feats if feats.dtype == torch.float64 else feats.float()
+
+
+def make_loss_fn(setup: Setup, step: int, spec: KernelSpec, real_global: int) -> Any:
+    """``loss_fn(global_fake_features) -> (MMD^2, info)`` against this step's real minibatch."""
+    exp, ft = setup.exp, setup.exp.finetune
+    real_gen = noise_mod.real_batch_generator(ft.seed + exp.seed, step)
+    real = setup.bank.sample(real_global, real_gen).to(setup.device)
+
+    def loss_fn(fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return mmd2_unbiased(fake, real.to(fake.dtype), spec, float64=exp.kernel.float64)
+
+    return loss_fn
+
+
 def mmd_loss(
     setup: Setup,
     unet: torch.nn.Module,
@@ -290,47 +406,99 @@ def mmd_loss(
     real_global: int,
     *,
     rank: int = 0,
+    eps: Any = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The MMD-DDM objective of one step: unbiased MMD^2 between the features of T-step samples
     (gathered over all workers, with gradients) and a real minibatch from the bank.
 
     Worker ``rank`` generates global samples ``rank*b .. (rank+1)*b``, so N workers with batch b
-    compute the same loss as one process with batch N*b.
+    compute the same loss as one process with batch N*b. (The loop itself uses
+    :func:`mmd_step`, which can split the batch into micro-batches.)
     """
-    exp, den, ft, sc = setup.exp, setup.denoiser, setup.exp.finetune, setup.exp.sampler
-    shape = (den.channels, den.resolution, den.resolution)
-    noise = sample_noise(
-        shape,
-        seed=ft.seed + exp.seed,
-        step=step,
-        start=rank * ft.batch_size,
-        count=ft.batch_size,
+    b = setup.exp.finetune.batch_size
+    eps = eps if eps is not None else setup.denoiser.eps_fn(unet)
+    fake = dist_utils.all_gather_with_grad(generate_features(setup, eps, step, timesteps, rank * b, b))
+    loss: tuple[torch.Tensor, dict[str, Any]] = make_loss_fn(setup, step, spec, real_global)(fake)
+    return loss
+
+
+def mmd_step(
+    setup: Setup,
+    eps: Any,
+    step: int,
+    timesteps: list[int],
+    spec: KernelSpec,
+    real_global: int,
+    *,
+    rank: int = 0,
+    grad_scale: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Loss of one step and its gradient (times ``grad_scale``) accumulated into the parameters' ``.grad``.
+
+    With ``finetune.micro_batch_size`` set, the batch is generated in micro-batches with the exact
+    full-batch gradient (two passes, :func:`mmdsweep.train.microbatch.mmd_backward`).
+    """
+    ft = setup.exp.finetune
+    b = ft.batch_size
+    return mmd_backward(
+        lambda start, count: generate_features(setup, eps, step, timesteps, start, count),
+        make_loss_fn(setup, step, spec, real_global),
+        start=rank * b,
+        count=b,
+        micro_batch_size=ft.micro_batch_size,
+        grad_scale=grad_scale,
         device=setup.device,
     )
-    chain = dataclasses.replace(chain_of(exp, den), timesteps=len(timesteps), grid=tuple(timesteps))
-    z = None
-    if chain.eta > 0:  # per-sample step noise: N workers x b == one process x N*b
-        z = noise_mod.step_noise(
-            shape,
-            len(timesteps),
-            seed=ft.seed + exp.seed,
-            role="train",
-            key=step,
-            start=rank * ft.batch_size,
-            count=ft.batch_size,
-        )
-    x0 = run_chain(
-        den.eps_fn(unet),
-        noise.to(next(unet.parameters()).dtype),
-        den.schedule,
-        chain,
-        step_noise=z,
-        checkpointing=sc.checkpointing,
-    )
-    fake = dist_utils.all_gather_with_grad(setup.train_space(x0.float()))
-    real_gen = noise_mod.real_batch_generator(ft.seed + exp.seed, step)
-    real = setup.bank.sample(real_global, real_gen).to(setup.device)
-    return mmd2_unbiased(fake, real, spec, float64=exp.kernel.float64)
+
+
+def prepare_model(setup: Setup, unet: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """The trained module (the UNet, or a peft LoRA wrapper of it) and the chain's denoiser function.
+
+    The denoiser function runs the (optionally ``torch.compile``d) trained module with the UNet's
+    forward under autocast for ``finetune.precision``.
+    """
+    ft = setup.exp.finetune
+    msg = check_supported(ft.precision, setup.device)
+    if msg:
+        raise ConfigError(f"{setup.exp.source}: {msg}")
+    raw = adapters.apply_lora(unet, dataclasses.asdict(ft.lora)) if ft.adapter == "lora" else unet
+    forward = compile_module(raw) if ft.compile else raw
+    eps = wrap_denoiser(setup.denoiser.eps_fn(forward), ft.precision, setup.device)
+    return raw, eps
+
+
+def compile_module(module: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """``torch.compile(module)`` (parameters shared with ``module``), or ``module`` itself where
+    ``torch.compile`` cannot be set up (a one-line note on stderr says so).
+
+    ``backend`` defaults to ``$MMDSWEEP_COMPILE_BACKEND`` or inductor. Compilation happens lazily at
+    the first call (inductor needs a C++ compiler on CPU and takes minutes there for a UNet: the
+    option is meant for GPUs). The chain calls the UNet at T different timesteps with the same
+    shapes, so one graph serves all steps (``dynamic=False``; the timestep is a tensor input).
+    """
+    chosen = backend or os.environ.get("MMDSWEEP_COMPILE_BACKEND") or "inductor"
+    reason = compile_unavailable()
+    if reason is not None:
+        print(f"finetune.compile: {reason}; running the UNet eagerly", file=sys.stderr)
+        return module
+    compiled: torch.nn.Module = torch.compile(module, backend=chosen, dynamic=False)  # type: ignore[assignment]
+    return compiled
+
+
+def compile_unavailable() -> str | None:
+    """None when ``torch.compile`` can run here; else why not (one line)."""
+    if not hasattr(torch, "compile"):  # pragma: no cover - torch < 2.0
+        return "torch.compile is not available in this torch"
+    try:
+        dynamo = importlib.import_module("torch._dynamo")
+    except ImportError as e:  # pragma: no cover - broken installation
+        return f"torch._dynamo cannot be imported ({e})"
+    try:
+        if not dynamo.is_dynamo_supported():  # pragma: no cover
+            return "torch.compile is not supported on this platform/Python"
+    except RuntimeError as e:  # pragma: no cover
+        return f"torch.compile is not supported here ({str(e).splitlines()[0]})"
+    return None
 
 
 def run_finetune(
@@ -354,7 +522,8 @@ def run_finetune(
     den = setup.denoiser
     unet = den.unet
     unet.train()
-    raw = unet
+    raw, eps = prepare_model(setup, unet)
+    scaler = LossScaler(ft.precision)
     ema: torch.nn.Module | None = None
     if ft.ema_decay is not None:
         ema = copy.deepcopy(unet).requires_grad_(False)
@@ -371,6 +540,7 @@ def run_finetune(
     with _checkpoint_from(reporter) as ckpt:
         if ckpt is not None:
             state = load_training_state(ckpt, model_for_eval, raw if ema is not None else None, optimizer)
+            scaler.load_state_dict(state.loss_scaler)
     if state.step >= ft.steps and state.last_metrics:
         # resumed from the final checkpoint (e.g. the driver died right after it was written):
         # repeat the final report so that the host records the run as completed
@@ -399,18 +569,24 @@ def run_finetune(
     loss_val = math.nan
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
-        loss, info = mmd_loss(setup, raw, step, timesteps, spec, real_global, rank=rank)
-        loss.backward()
+        loss, info = mmd_step(
+            setup, eps, step, timesteps, spec, real_global, rank=rank, grad_scale=scaler.scale
+        )
         dist_utils.average_gradients(raw)
+        # fp16: unscale; an overflow skips this step and lowers the scale (identical on every rank
+        # because the gradients were averaged first)
+        grads_ok = scaler.unscale_and_check(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.grad_clip if ft.grad_clip else math.inf)
         loss_val = float(loss.detach())
         bandwidth = _effective_bandwidth(info)
-        finite = math.isfinite(loss_val) and bool(torch.isfinite(grad_norm))
+        finite = math.isfinite(loss_val) and (not grads_ok or bool(torch.isfinite(grad_norm)))
         if not finite:
             status = "diverged"
             state.step = step
             break
-        optimizer.step()
+        if grads_ok:
+            optimizer.step()
+        state.loss_scaler = scaler.state_dict()
         if ema is not None:
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), raw.parameters(), strict=True):
@@ -498,7 +674,16 @@ def _report(
     if write_ckpt and dist_utils.is_main():
         with tempfile.TemporaryDirectory(prefix="mmdsweep-ckpt-") as tmp:
             d = Path(tmp) / "checkpoint"
-            save_checkpoint(d, model, raw, optimizer, setup.denoiser.scheduler_config, state, setup.exp)
+            save_checkpoint(
+                d,
+                model,
+                raw,
+                optimizer,
+                setup.denoiser.scheduler_config,
+                state,
+                setup.exp,
+                base_model=setup.src.model_dir,
+            )
             reporter.report(metrics, d)
     else:
         reporter.report(metrics, None)
@@ -527,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args.run_dir or Path(exp.output.dir) / f"finetune-T{exp.sampler.timesteps}")
     if args.dry_run:
+        from mmdsweep.train.memory import dry_run_lines
+
         for line in lines:
+            print(line)
+        for line in dry_run_lines(exp):
             print(line)
         print(f"{exp.source}: ok; run directory would be {run_dir}")
         return 0
