@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -137,6 +138,8 @@ class SamplerConfig:
     eta: float = 0.0
     checkpointing: bool = True
     clip_sample: bool = False
+    # issue 9 (learned grids): the initial spacing of a learned grid; null: the old `spacing` key
+    timestep_spacing: Literal["leading", "trailing", "linspace", "quadratic"] | None = None
 
     def validate(self, where: str) -> None:
         _check(self.timesteps >= 1, f"{where}.timesteps", f"must be >= 1, got {self.timesteps}")
@@ -231,9 +234,17 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    # issue 9: what the MMD gradient trains (the UNet weights, the timestep grid, or both)
+    train: Literal["weights", "timesteps", "both"] = "weights"
+    timestep_lr: float = 1.0e-2
 
     def validate(self, where: str) -> None:
         _check(self.steps >= 1, f"{where}.steps", f"must be >= 1, got {self.steps}")
+        _check(
+            math.isfinite(self.timestep_lr) and self.timestep_lr > 0,
+            f"{where}.timestep_lr",
+            f"must be a finite number > 0, got {self.timestep_lr}",
+        )
         _check(self.batch_size >= 2, f"{where}.batch_size", f"must be >= 2, got {self.batch_size}")
         _check(
             self.real_batch_size is None or self.real_batch_size >= 2,

@@ -63,12 +63,14 @@ def generate(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     on_batch: Callable[[torch.Tensor], None] | None = None,
+    grid: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor | None, float]:
     """Sample ``num`` images in batches; returns (images on CPU or None, seconds per image).
 
     With ``on_batch`` the images are handed over batch by batch and not kept (memory stays flat).
     """
-    ts = select_timesteps(timesteps, schedule.num_train_timesteps, spacing)
+    # issue 9: an explicit integer grid (a learned grid, rounded) replaces the spacing's
+    ts = list(grid) if grid is not None else select_timesteps(timesteps, schedule.num_train_timesteps, spacing)
     noise = eval_noise(num, shape, seed)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     kept: list[torch.Tensor] = []
@@ -127,6 +129,7 @@ class Evaluator:
         spacing: str = "uniform",
         eta: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        grid: Sequence[int] | None = None,
     ) -> EvalResult:
         feats: dict[str, list[np.ndarray]] = {name: [] for name in self.spaces}
 
@@ -148,6 +151,7 @@ class Evaluator:
             device=self.device,
             dtype=dtype,
             on_batch=consume,
+            grid=grid,
         )
         per_space: dict[str, dict[str, float]] = {}
         for name, chunks in feats.items():

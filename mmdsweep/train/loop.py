@@ -47,7 +47,8 @@ from mmdsweep.config import (
     write_resolved,
 )
 from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
-from mmdsweep.core.sampling import sample, select_timesteps
+from mmdsweep.core.sampling import sample, sample_continuous, select_timesteps
+from mmdsweep.core.timegrid import TimeGrid, legacy_spacing
 from mmdsweep.inference.evaluation import EvalResult, Evaluator
 from mmdsweep.train import distributed as dist_utils
 from mmdsweep.train.reporting import LocalReporter, Reporter
@@ -140,11 +141,16 @@ def save_checkpoint(
     scheduler_config: dict[str, Any],
     state: RunState,
     exp: Experiment,
+    grid: TimeGrid | None = None,
 ) -> None:
     """A checkpoint directory: a diffusers model (``unet/``, ``scheduler/``) + training state."""
     save_denoiser(directory, model, scheduler_config)
     ts = directory / "train_state"
     ts.mkdir(exist_ok=True)
+    learned: dict[str, Any] = {}
+    if grid is not None:  # issue 9: the learned grid, continuous (resume) and rounded (what is scored/exported)
+        save_file({"logits": grid.logits.detach().cpu().contiguous()}, ts / "timegrid.safetensors")
+        learned = {"timestep_grid": grid.timesteps(), "timestep_grid_int": grid.rounded()}
     if raw is not None:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()},
@@ -157,15 +163,24 @@ def save_checkpoint(
         "sampler": exp.sampler.name,
         "spacing": exp.sampler.spacing,
         "eta": exp.sampler.eta,
+        "train": exp.finetune.train,
+        **learned,
         "experiment": exp.to_dict(),
     }
     atomic_write_text(directory / STATE_FILE, json.dumps(meta, indent=2, default=float))
 
 
 def load_training_state(
-    directory: Path, model: torch.nn.Module, raw: torch.nn.Module | None, optimizer: torch.optim.Optimizer
+    directory: Path,
+    model: torch.nn.Module,
+    raw: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    grid: TimeGrid | None = None,
 ) -> RunState:
     """Restore weights, optimizer state and counters from :func:`save_checkpoint`'s directory."""
+    if grid is not None:
+        with torch.no_grad():
+            grid.logits.copy_(load_file(directory / "train_state" / "timegrid.safetensors")["logits"])
     weights = directory / "unet" / "diffusion_pytorch_model.safetensors"
     model.load_state_dict(load_file(weights))
     ts = directory / "train_state"
@@ -192,6 +207,7 @@ class Setup:
     bank: Any
     evaluator: Evaluator | None
     src: comp.ModelSource
+    grid: TimeGrid | None = None  # issue 9: the learned timestep grid of the current run (train: timesteps|both)
 
 
 def build_setup(
@@ -251,6 +267,7 @@ def evaluate_model(setup: Setup, unet: torch.nn.Module) -> EvalResult:
             spacing=exp.sampler.spacing,
             eta=exp.sampler.eta,
             dtype=next(unet.parameters()).dtype,
+            grid=setup.grid.rounded() if setup.grid is not None else None,
         )
     finally:
         unet.train(was_training)
@@ -268,7 +285,7 @@ def mmd_loss(
     setup: Setup,
     unet: torch.nn.Module,
     step: int,
-    timesteps: list[int],
+    timesteps: list[int] | TimeGrid,
     spec: KernelSpec,
     real_global: int,
     *,
@@ -291,11 +308,12 @@ def mmd_loss(
         device=setup.device,
     )
     gen = torch.Generator().manual_seed(ft.seed * 7919 + step * 4099 + rank)
-    x0 = sample(
+    chain = sample_continuous if isinstance(timesteps, TimeGrid) else sample  # issue 9: learned grid
+    x0 = chain(
         den.eps_fn(unet),
         noise.to(next(unet.parameters()).dtype),
         den.schedule,
-        timesteps,
+        timesteps.grid() if isinstance(timesteps, TimeGrid) else timesteps,  # type: ignore[arg-type]
         sampler=sc.name,
         eta=sc.eta,
         generator=gen,
@@ -333,18 +351,32 @@ def run_finetune(
     if ft.ema_decay is not None:
         ema = copy.deepcopy(unet).requires_grad_(False)
     model_for_eval = ema if ema is not None else raw
+    # issue 9: finetune.train selects the weights, a learned timestep grid, or both (own lr, no decay)
+    n_train = den.schedule.num_train_timesteps
+    grid = None
+    if ft.train != "weights":
+        spacing0 = legacy_spacing(sc.timestep_spacing, sc.spacing, sc.name)
+        grid = TimeGrid.from_spacing(sc.timesteps, n_train, spacing0).to(device)
+    setup.grid = grid
+    if ft.train == "timesteps":
+        raw.requires_grad_(False)  # the pretrained weights stay bit-identical
     params = [p for p in raw.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": params}] if params else []
+    if grid is not None:
+        groups.append({"params": list(grid.parameters()), "lr": ft.timestep_lr, "weight_decay": 0.0})
     opt_cls = torch.optim.AdamW if ft.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=ft.lr, betas=(ft.betas[0], ft.betas[1]), weight_decay=ft.weight_decay)
+    optimizer = opt_cls(groups, lr=ft.lr, betas=(ft.betas[0], ft.betas[1]), weight_decay=ft.weight_decay)
     spec = kernel_spec(exp)
-    timesteps = select_timesteps(sc.timesteps, den.schedule.num_train_timesteps, sc.spacing)
+    timesteps: list[int] | TimeGrid = (
+        grid if grid is not None else select_timesteps(sc.timesteps, n_train, sc.spacing)
+    )
     real_global = ft.real_batch_size or ft.batch_size * world
     ckpt_every = ft.checkpoint_every or ft.eval_every
 
     state = RunState()
     with _checkpoint_from(reporter) as ckpt:
         if ckpt is not None:
-            state = load_training_state(ckpt, model_for_eval, raw if ema is not None else None, optimizer)
+            state = load_training_state(ckpt, model_for_eval, raw if ema is not None else None, optimizer, grid)
     if state.step >= ft.steps and state.last_metrics:
         # resumed from the final checkpoint (e.g. the driver died right after it was written):
         # repeat the final report so that the host records the run as completed
@@ -373,6 +405,11 @@ def run_finetune(
         loss.backward()
         dist_utils.average_gradients(raw)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.grad_clip if ft.grad_clip else math.inf)
+        if grid is not None:  # issue 9: the grid's gradient is averaged and clipped on its own
+            dist_utils.average_gradients(grid)
+            grad_norm = grad_norm + torch.nn.utils.clip_grad_norm_(
+                grid.parameters(), ft.grad_clip if ft.grad_clip else math.inf
+            ).to(grad_norm)
         loss_val = float(loss.detach())
         bandwidth = _effective_bandwidth(info)
         finite = math.isfinite(loss_val) and bool(torch.isfinite(grad_norm))
@@ -468,7 +505,9 @@ def _report(
     if write_ckpt and dist_utils.is_main():
         with tempfile.TemporaryDirectory(prefix="mmdsweep-ckpt-") as tmp:
             d = Path(tmp) / "checkpoint"
-            save_checkpoint(d, model, raw, optimizer, setup.denoiser.scheduler_config, state, setup.exp)
+            save_checkpoint(
+                d, model, raw, optimizer, setup.denoiser.scheduler_config, state, setup.exp, setup.grid
+            )
             reporter.report(metrics, d)
     else:
         reporter.report(metrics, None)
