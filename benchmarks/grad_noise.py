@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from mmdsweep.assets import components as comp
 from mmdsweep.config import load_experiment, parse_override
 from mmdsweep.core.timegrid import TimeGrid, legacy_spacing
 from mmdsweep.train.loop import Setup, build_setup, kernel_spec, mmd_loss
@@ -37,10 +36,14 @@ from mmdsweep.utils import set_threads
 
 
 def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in params])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in params]
+    )
 
 
-def gradients(setup: Setup, grid: TimeGrid, b: int, m: int, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+def gradients(
+    setup: Setup, grid: TimeGrid, b: int, m: int, k: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """K gradients (weights, grid) of the loss at batch ``b`` (generated) and ``m`` (real); seconds per gradient."""
     exp = setup.exp.with_overrides({"finetune.batch_size": b})
     s = dataclasses.replace(setup, exp=exp)
@@ -62,7 +65,9 @@ def gradients(setup: Setup, grid: TimeGrid, b: int, m: int, k: int) -> tuple[lis
 
 
 def pair_cosines(gs: list[torch.Tensor]) -> tuple[float, float]:
-    cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(gs, 2)]
+    cos = [
+        float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(gs, 2)
+    ]
     return statistics.fmean(cos), (statistics.stdev(cos) if len(cos) > 1 else math.nan)
 
 
@@ -75,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real", nargs="+", type=int, default=[32, 128, 512], help="real batch sizes")
     ap.add_argument("--gen-fixed", type=int, default=32, help="generated batch while the real batch varies")
     ap.add_argument("--real-fixed", type=int, default=128, help="real batch while the generated batch varies")
-    ap.add_argument("--repeats", type=int, default=4, help="K independent minibatches per setting (K(K-1)/2 pairs)")
+    ap.add_argument(
+        "--repeats", type=int, default=4, help="K independent minibatches per setting (K(K-1)/2 pairs)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/grad_noise.md")
     args = ap.parse_args(argv)
@@ -97,11 +104,22 @@ def main(argv: list[str] | None = None) -> int:
             gw, gg, sec = gradients(setup, grid, b, m_eff, args.repeats)
             cw, cw_sd = pair_cosines(gw)
             cg, cg_sd = pair_cosines(gg)
-            row = {"space": space, "gen": b, "real": m_eff, "cos_w": cw, "cos_w_sd": cw_sd, "cos_t": cg,
-                   "cos_t_sd": cg_sd, "sec": sec}
+            row = {
+                "space": space,
+                "gen": b,
+                "real": m_eff,
+                "cos_w": cw,
+                "cos_w_sd": cw_sd,
+                "cos_t": cg,
+                "cos_t_sd": cg_sd,
+                "sec": sec,
+            }
             rows.append(row)
-            print(f"{space:26s} gen {b:3d} real {m_eff:4d}  cos(weights) {cw:+.3f} +- {cw_sd:.3f}  "
-                  f"cos(grid) {cg:+.3f} +- {cg_sd:.3f}  {sec:.2f} s/grad", flush=True)
+            print(
+                f"{space:26s} gen {b:3d} real {m_eff:4d}  cos(weights) {cw:+.3f} +- {cw_sd:.3f}  "
+                f"cos(grid) {cg:+.3f} +- {cg_sd:.3f}  {sec:.2f} s/grad",
+                flush=True,
+            )
     total = time.perf_counter() - t_all
     lines = [
         "# Gradient noise of the MMD-DDM objective",

@@ -44,11 +44,22 @@ def final_evaluators(exp: Any, device: torch.device, seeds: list[int], n: int) -
     ref_exp = exp.with_overrides({"data.split": "test"})
     name = exp.features.eval
     space = comp.build_space(ref_exp, name, src, device, for_eval=True)
-    ref = comp.build_reference(ref_exp, space, comp.space_id(ref_exp, name, src, for_eval=True), den.channels, device)
+    ref = comp.build_reference(
+        ref_exp, space, comp.space_id(ref_exp, name, src, for_eval=True), den.channels, device
+    )
     e = exp.eval
     evs = [
-        Evaluator({name: space}, {name: ref}, primary=name, num_samples=n, batch_size=e.batch_size, seed=s,
-                  kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size, device=device)
+        Evaluator(
+            {name: space},
+            {name: ref},
+            primary=name,
+            num_samples=n,
+            batch_size=e.batch_size,
+            seed=s,
+            kid_subsets=e.kid_subsets,
+            kid_subset_size=e.kid_subset_size,
+            device=device,
+        )
         for s in seeds
     ]
     return evs, f"held-out digits test split ({len(ref.feats) if ref.feats is not None else '?'} images)"
@@ -58,8 +69,14 @@ def score(evs: list[Evaluator], den: Any, sampler: str, grid: list[int]) -> tupl
     unet = den.unet.eval()
     fids = []
     for ev in evs:
-        r = ev.evaluate(den.eps_fn(unet), den.schedule, (den.channels, den.resolution, den.resolution),
-                        timesteps=len(grid), sampler=sampler, grid=grid)
+        r = ev.evaluate(
+            den.eps_fn(unet),
+            den.schedule,
+            (den.channels, den.resolution, den.resolution),
+            timesteps=len(grid),
+            sampler=sampler,
+            grid=grid,
+        )
         fids.append(r.fid)
     return statistics.fmean(fids), statistics.stdev(fids) if len(fids) > 1 else float("nan")
 
@@ -80,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     device = torch.device("cpu")
     exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set)).with_overrides(
-        {"sampler.timesteps": args.T, "finetune.steps": args.steps, "finetune.eval_every": args.eval_every,
-         "finetune.device": "cpu"}
+        {
+            "sampler.timesteps": args.T,
+            "finetune.steps": args.steps,
+            "finetune.eval_every": args.eval_every,
+            "finetune.device": "cpu",
+        }
     )
     t0 = time.perf_counter()
     evs, ref_name = final_evaluators(exp, device, args.seeds, args.num_samples)
@@ -91,18 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     baselines: dict[str, tuple[float, float]] = {}
     for sampler in ("ddim", "dpmpp_2m"):
         for spacing in SPACINGS:
-            baselines[f"{sampler} {spacing}"] = score(evs, base, sampler, spacing_timesteps(args.T, N, spacing))
+            baselines[f"{sampler} {spacing}"] = score(
+                evs, base, sampler, spacing_timesteps(args.T, N, spacing)
+            )
             print(f"baseline {sampler} {spacing}: FID {baselines[f'{sampler} {spacing}'][0]:.3f}", flush=True)
     best_name = min(baselines, key=lambda k: baselines[k][0])
     curves: dict[str, list[tuple[int, float, float, float, list[int]]]] = {}
     with tempfile.TemporaryDirectory(prefix="qvt-") as tmp:
         for mode in args.modes:
-            run_exp = exp.with_overrides({"finetune.train": mode, "eval.num_samples": 50, "eval.batch_size": 50})
+            run_exp = exp.with_overrides(
+                {"finetune.train": mode, "eval.num_samples": 50, "eval.batch_size": 50}
+            )
             setup = build_setup(run_exp, device, evaluate=True, allow_pretrain=False)
             run_dir = Path(tmp) / mode
             run_finetune(run_exp, LocalReporter(run_dir, device="cpu", num_to_keep=1000), setup=setup)
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            sp0 = exp.sampler.timestep_spacing or {"uniform": "leading"}.get(exp.sampler.spacing, exp.sampler.spacing)
+            sp0 = exp.sampler.timestep_spacing or {"uniform": "leading"}.get(
+                exp.sampler.spacing, exp.sampler.spacing
+            )
             init = spacing_timesteps(args.T, N, sp0)
             m0, s0 = baselines[f"{exp.sampler.name} {sp0}"]
             pts = [(0, 0.0, m0, s0, init)]
@@ -112,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 grid = state.get("timestep_grid_int", init)
                 m, s = score(evs, load_denoiser(str(ck)), exp.sampler.name, grid)
                 pts.append((r["step"], r["elapsed_s"], m, s, grid))
-                print(f"{mode} step {r['step']} ({r['elapsed_s']:.0f} s): FID {m:.3f} +- {s:.3f} grid {grid}", flush=True)
+                print(
+                    f"{mode} step {r['step']} ({r['elapsed_s']:.0f} s): FID {m:.3f} +- {s:.3f} grid {grid}",
+                    flush=True,
+                )
             curves[mode] = pts
     total = time.perf_counter() - t0
     out = Path(args.out)
@@ -121,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# FID vs fine-tuning wall time at T={args.T}",
         "",
-        f"`python benchmarks/quality_vs_time.py {args.experiment}" + "".join(f" --set {s}" for s in args.set)
+        f"`python benchmarks/quality_vs_time.py {args.experiment}"
+        + "".join(f" --set {s}" for s in args.set)
         + f"` ({platform.machine()}, {torch.get_num_threads()} torch thread(s), {total / 60:.1f} min in all).",
         "",
         f"Final protocol (local minimal version): primary space `{exp.features.eval}`, reference: {ref_name}, "
@@ -155,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, pts in curves.items():
         xs = [p[1] for p in pts]
-        ax.errorbar(xs, [p[2] for p in pts], yerr=[p[3] for p in pts], marker="o", capsize=3, label=f"train: {mode}")
+        ax.errorbar(
+            xs, [p[2] for p in pts], yerr=[p[3] for p in pts], marker="o", capsize=3, label=f"train: {mode}"
+        )
     ax.axhline(bm, color="k", ls="--", label=f"best training-free ({best_name})")
     ax.axhspan(bm - bs, bm + bs, color="k", alpha=0.1)
     ax.set_xlabel("fine-tuning wall time (s)")

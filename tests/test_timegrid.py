@@ -32,7 +32,9 @@ from mmdsweep.core.timegrid import (
 UNet2DModel: Any = diffusers.UNet2DModel
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    ),
 ]
 N = 1000
 CFG: dict[str, Any] = {
@@ -61,7 +63,9 @@ class Float64TimeEmbedding(torch.nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.dim // 2
-        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float64, device=t.device) / (half - self.shift)
+        exponent = (
+            -math.log(10000) * torch.arange(half, dtype=torch.float64, device=t.device) / (half - self.shift)
+        )
         emb = self.scale * t.double()[:, None] * exponent.exp()[None, :]
         emb = torch.cat([emb.sin(), emb.cos()], dim=-1)
         if self.flip:
@@ -130,7 +134,8 @@ def test_spacings_match_diffusers(spacing: str) -> None:
     for T in (5, 10):
         ref = diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing)
         ref.set_timesteps(T)
-        if spacing == "leading":  # diffusers' DPM "leading" divides by T+1; ours is DDIM's leading (steps_offset 0)
+        # diffusers' DPM "leading" divides by T+1; ours is DDIM's leading (steps_offset 0)
+        if spacing == "leading":
             ref = diffusers.DDIMScheduler(timestep_spacing="leading", steps_offset=0)
             ref.set_timesteps(T)
         assert spacing_timesteps(T, N, spacing) == ref.timesteps.tolist()
@@ -155,7 +160,7 @@ def test_grid_is_monotone_for_any_logits(logits: Any, spacing: str) -> None:
     assert bool((t[1:] < t[:-1]).all()) or T == 1
     assert float(t[-1]) > GRID_END
     r = g.rounded()
-    assert all(b < a for a, b in zip(r, r[1:])) and 0 <= r[-1] and r[0] <= N - 1
+    assert all(b < a for a, b in zip(r, r[1:])) and r[-1] >= 0 and r[0] <= N - 1
 
 
 def test_round_grid_resolves_collisions() -> None:
@@ -170,7 +175,9 @@ def test_round_grid_resolves_collisions() -> None:
 def test_alpha_bar_at_integers_equals_the_discrete_schedule(schedule: NoiseSchedule) -> None:
     t = torch.arange(-1, N, dtype=torch.float64)
     got = alpha_bar_at(schedule, t)
-    want = torch.cat([torch.tensor([schedule.final_alpha_cumprod], dtype=torch.float64), schedule.alphas_cumprod])
+    want = torch.cat(
+        [torch.tensor([schedule.final_alpha_cumprod], dtype=torch.float64), schedule.alphas_cumprod]
+    )
     torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
 
 
@@ -195,7 +202,9 @@ def test_continuous_chain_on_an_integer_grid_equals_the_discrete_chain(
     den = functools.partial(_eps_like, unet)
     ints = [900, 610, 333, 120, 7]
     with torch.no_grad():
-        a = sample(den, x_T, schedule, ints, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(3))
+        a = sample(
+            den, x_T, schedule, ints, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(3)
+        )
         b = sample_continuous(
             den,
             x_T,
@@ -211,7 +220,9 @@ def test_continuous_chain_on_an_integer_grid_equals_the_discrete_chain(
 def _perturbed_grid(T: int, spacing: str, seed: int) -> TimeGrid:
     g = TimeGrid.from_spacing(T, N, spacing)
     with torch.no_grad():
-        g.logits.add_(0.3 * torch.randn(T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        g.logits.add_(
+            0.3 * torch.randn(T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        )
     return g
 
 
@@ -281,7 +292,9 @@ def test_diffusers_scheduler_for_grid_refuses_what_it_cannot_express() -> None:
     with pytest.raises(ValueError, match="descending"):
         diffusers_scheduler_for_grid([500, 999], "ddim", CFG)
     with pytest.raises(ValueError, match="clip_sample_range"):
-        diffusers_scheduler_for_grid([999, 500], "ddim", {**CFG, "clip_sample": True, "clip_sample_range": 2.0})
+        diffusers_scheduler_for_grid(
+            [999, 500], "ddim", {**CFG, "clip_sample": True, "clip_sample_range": 2.0}
+        )
 
 
 # ---------------------------------------------------------------------------------------------- training

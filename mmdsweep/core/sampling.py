@@ -748,7 +748,9 @@ def alpha_bar_at(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     return (table[k] + f * (table[k + 1] - table[k])).exp()
 
 
-def _predict_x0_eps_t(model_output: Tensor, x: Tensor, alpha_t: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+def _predict_x0_eps_t(
+    model_output: Tensor, x: Tensor, alpha_t: Tensor, prediction_type: str
+) -> tuple[Tensor, Tensor]:
     """:func:`predict_x0_eps` with a 0-dim tensor :math:`\\bar\\alpha_t` (so gradients reach it)."""
     sqrt_a, sqrt_1ma = alpha_t.sqrt(), (1.0 - alpha_t).sqrt()
     if prediction_type == "epsilon":
@@ -761,7 +763,12 @@ def _predict_x0_eps_t(model_output: Tensor, x: Tensor, alpha_t: Tensor, predicti
 
 
 def _ddim_step_t(
-    x: Tensor, out: Tensor, a_t: Tensor, a_prev: Tensor | float, schedule: NoiseSchedule, eta: float,
+    x: Tensor,
+    out: Tensor,
+    a_t: Tensor,
+    a_prev: Tensor | float,
+    schedule: NoiseSchedule,
+    eta: float,
     noise: Tensor | None,
 ) -> Tensor:
     """:func:`ddim_step` (Song et al. 2021, Eq. 12 and 16) with tensor :math:`\\bar\\alpha`; a float ``a_prev``
@@ -785,8 +792,13 @@ def _half_log_snr_t(a: Tensor) -> Tensor:
 
 
 def _dpmpp_2m_step_t(
-    x: Tensor, out: Tensor, a_t: Tensor, a_prev: Tensor | float, schedule: NoiseSchedule,
-    x0_last: Tensor | None, a_last: Tensor | None,
+    x: Tensor,
+    out: Tensor,
+    a_t: Tensor,
+    a_prev: Tensor | float,
+    schedule: NoiseSchedule,
+    x0_last: Tensor | None,
+    a_last: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`dpmpp_2m_step` (Lu et al. 2022, DPM-Solver++ Algorithm 2) with tensor :math:`\\bar\\alpha`."""
     x0, _ = _predict_x0_eps_t(out, x, a_t, schedule.prediction_type)
@@ -805,8 +817,18 @@ def _dpmpp_2m_step_t(
 
 
 def _continuous_step(
-    x: Tensor, x0_last: Tensor | None, t: Tensor, a_t: Tensor, a_prev: Tensor | None, a_last: Tensor | None,
-    noise: Tensor | None, *, denoiser: Denoiser, schedule: NoiseSchedule, sampler: str, eta: float,
+    x: Tensor,
+    x0_last: Tensor | None,
+    t: Tensor,
+    a_t: Tensor,
+    a_prev: Tensor | None,
+    a_last: Tensor | None,
+    noise: Tensor | None,
+    *,
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    sampler: str,
+    eta: float,
 ) -> tuple[Tensor, Tensor]:
     t_in = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32).expand(x.shape[0])
     out = denoiser(x, t_in)
@@ -853,12 +875,19 @@ def sample_continuous(
     noise: Tensor | None = None
     if eta > 0.0:
         device = generator.device if generator is not None else x_T.device
-        noise = torch.randn((T, *x_T.shape), generator=generator, device=device, dtype=x_T.dtype).to(x_T.device)
+        noise = torch.randn((T, *x_T.shape), generator=generator, device=device, dtype=x_T.dtype).to(
+            x_T.device
+        )
     fn = functools.partial(_continuous_step, denoiser=denoiser, schedule=schedule, sampler=sampler, eta=eta)
     x, x0_last = x_T, None
     for i in range(T):
         args = (
-            x, x0_last, timesteps[i], a[i], a[i + 1] if i + 1 < T else None, a[i - 1] if i > 0 else None,
+            x,
+            x0_last,
+            timesteps[i],
+            a[i],
+            a[i + 1] if i + 1 < T else None,
+            a[i - 1] if i > 0 else None,
             None if noise is None else noise[i],
         )
         x, x0_last = _run_step(fn, checkpointing, *args)

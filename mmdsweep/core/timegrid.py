@@ -208,7 +208,14 @@ def diffusers_scheduler_for_grid(
         final = "sigma_min"
     else:
         raise ValueError(f"final_alpha_cumprod={sched.final_alpha_cumprod}: not expressible in diffusers")
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    keep = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+    )
     cfg = {k: schedule_config[k] for k in keep if k in schedule_config and schedule_config[k] is not None}
     cls: Any = diffusers.DPMSolverMultistepScheduler
     scheduler = cls.from_config(

@@ -148,7 +148,8 @@ def save_checkpoint(
     ts = directory / "train_state"
     ts.mkdir(exist_ok=True)
     learned: dict[str, Any] = {}
-    if grid is not None:  # issue 9: the learned grid, continuous (resume) and rounded (what is scored/exported)
+    # issue 9: the learned grid, continuous (for resume) and rounded (what is scored and exported)
+    if grid is not None:
         save_file({"logits": grid.logits.detach().cpu().contiguous()}, ts / "timegrid.safetensors")
         learned = {"timestep_grid": grid.timesteps(), "timestep_grid_int": grid.rounded()}
     if raw is not None:
@@ -207,7 +208,8 @@ class Setup:
     bank: Any
     evaluator: Evaluator | None
     src: comp.ModelSource
-    grid: TimeGrid | None = None  # issue 9: the learned timestep grid of the current run (train: timesteps|both)
+    # issue 9: the learned timestep grid of the current run (finetune.train: timesteps | both)
+    grid: TimeGrid | None = None
 
 
 def build_setup(
@@ -376,7 +378,9 @@ def run_finetune(
     state = RunState()
     with _checkpoint_from(reporter) as ckpt:
         if ckpt is not None:
-            state = load_training_state(ckpt, model_for_eval, raw if ema is not None else None, optimizer, grid)
+            state = load_training_state(
+                ckpt, model_for_eval, raw if ema is not None else None, optimizer, grid
+            )
     if state.step >= ft.steps and state.last_metrics:
         # resumed from the final checkpoint (e.g. the driver died right after it was written):
         # repeat the final report so that the host records the run as completed
