@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", default=["weights", "timesteps", "both"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1001, 1002, 1003])
     ap.add_argument("--num-samples", type=int, default=400)
+    ap.add_argument(
+        "--baselines",
+        nargs="+",
+        default=[f"{m}:{sp}" for m in ("ddim", "dpmpp_2m") for sp in SPACINGS],
+        help="training-free samplers to score, as sampler:spacing",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/quality_vs_time")
     args = ap.parse_args(argv)
@@ -110,12 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     base = comp.load_model(exp, src, device)
     N = base.schedule.num_train_timesteps
     baselines: dict[str, tuple[float, float]] = {}
-    for sampler in ("ddim", "dpmpp_2m"):
-        for spacing in SPACINGS:
-            baselines[f"{sampler} {spacing}"] = score(
-                evs, base, sampler, spacing_timesteps(args.T, N, spacing)
-            )
-            print(f"baseline {sampler} {spacing}: FID {baselines[f'{sampler} {spacing}'][0]:.3f}", flush=True)
+    sp0 = exp.sampler.timestep_spacing or {"uniform": "leading"}.get(exp.sampler.spacing, exp.sampler.spacing)
+    wanted = list(dict.fromkeys([*args.baselines, f"{exp.sampler.name}:{sp0}"]))
+    for sampler, spacing in (b.split(":") for b in wanted):
+        baselines[f"{sampler} {spacing}"] = score(evs, base, sampler, spacing_timesteps(args.T, N, spacing))
+        print(f"baseline {sampler} {spacing}: FID {baselines[f'{sampler} {spacing}'][0]:.3f}", flush=True)
     best_name = min(baselines, key=lambda k: baselines[k][0])
     curves: dict[str, list[tuple[int, float, float, float, list[int]]]] = {}
     with tempfile.TemporaryDirectory(prefix="qvt-") as tmp:
@@ -127,9 +132,6 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(tmp) / mode
             run_finetune(run_exp, LocalReporter(run_dir, device="cpu", num_to_keep=1000), setup=setup)
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            sp0 = exp.sampler.timestep_spacing or {"uniform": "leading"}.get(
-                exp.sampler.spacing, exp.sampler.spacing
-            )
             init = spacing_timesteps(args.T, N, sp0)
             m0, s0 = baselines[f"{exp.sampler.name} {sp0}"]
             pts = [(0, 0.0, m0, s0, init)]

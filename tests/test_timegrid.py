@@ -337,3 +337,17 @@ def test_training_the_grid(tiny_yaml: Path, tmp_path: Path, mode: str) -> None:
     with torch.no_grad():
         g.logits.copy_(logits)
     assert g.timesteps() == pytest.approx(grid, abs=1e-9)
+
+
+def test_resume_restores_the_grid(tiny_yaml: Path, tmp_path: Path) -> None:
+    from mmdsweep.train import loop
+    from mmdsweep.train.reporting import LocalReporter
+
+    exp = load_experiment(tiny_yaml).with_overrides({"finetune.train": "both", "finetune.timestep_lr": 0.05})
+    full, part = tmp_path / "full", tmp_path / "part"
+    loop.run_finetune(exp, LocalReporter(full))
+    loop.run_finetune(exp.with_overrides({"finetune.steps": 2}), LocalReporter(part))
+    loop.run_finetune(exp, LocalReporter(part))  # resumes from step 2: grid logits and their Adam state
+    a = json.loads((_last_checkpoint(full) / "state.json").read_text())["timestep_grid"]
+    b = json.loads((_last_checkpoint(part) / "state.json").read_text())["timestep_grid"]
+    assert b == pytest.approx(a, abs=1e-6)
