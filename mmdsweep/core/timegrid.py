@@ -106,6 +106,8 @@ class TimeGrid(torch.nn.Module):
     module docstring for the parameterisation). ``grid()`` (or calling the module) returns a float64 tensor
     of shape ``(T,)``; the only parameter is ``logits`` (T values, float64)."""
 
+    t_start: Tensor  # buffer: the fixed first noise level
+
     def __init__(self, init: Sequence[float], num_train_timesteps: int) -> None:
         super().__init__()
         vals = [float(v) for v in init]
