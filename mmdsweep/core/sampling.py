@@ -1140,3 +1140,183 @@ def run_chain(
         step_noise=step_noise,
     )
     return x.clamp(-1.0, 1.0) if chain.final_clamp else x
+
+
+# Continuous timesteps (learned grids, issue 9): the schedule at real-valued t and a chain over a tensor grid
+# --------------------------------------------------------------------------------------------------------------
+
+
+def alpha_bar_at(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """:math:`\\bar\\alpha(t)` at real-valued ``t`` in ``[-1, N-1]``, differentiable in ``t`` (float64).
+
+    Piecewise-linear interpolation of :math:`\\log\\bar\\alpha` between the integer training timesteps, with the
+    clean end of the chain at ``t = -1`` (:math:`\\bar\\alpha_{-1}` = ``final_alpha_cumprod``, 1 for diffusers'
+    ``set_alpha_to_one``): for :math:`t = k + f`, :math:`k = \\lfloor t \\rfloor`,
+
+    :math:`\\log\\bar\\alpha(t) = (1-f)\\log\\bar\\alpha_k + f \\log\\bar\\alpha_{k+1}`, i.e.
+    :math:`\\bar\\alpha(t) = \\bar\\alpha_k (1-\\beta_{k+1})^{f}`.
+
+    This is the interpolation of the official DPM-Solver code for discrete-time models (Lu et al. 2022,
+    ``NoiseScheduleVP(schedule='discrete')``: piecewise-linear :math:`\\log\\alpha_t`, i.e. half of
+    :math:`\\log\\bar\\alpha`). It equals the discrete schedule at integers, is strictly monotone, keeps
+    :math:`\\bar\\alpha \\in (0, 1]` and corresponds to a constant :math:`\\beta` inside each unit interval of
+    the VP-SDE :math:`d\\log\\bar\\alpha/dt = -\\beta(t)` (Song et al. 2021, score SDE, Eq. 11 / App. B).
+    """
+    table = torch.cat(
+        [
+            torch.tensor([schedule.final_alpha_cumprod], dtype=torch.float64),
+            schedule.alphas_cumprod,
+        ]
+    ).log()
+    table = table.to(t.device)
+    n = schedule.num_train_timesteps
+    u = (t.to(torch.float64) + 1.0).clamp(0.0, float(n))
+    k = u.detach().floor().clamp(max=n - 1).long()
+    f = u - k.to(torch.float64)
+    return (table[k] + f * (table[k + 1] - table[k])).exp()
+
+
+def _predict_x0_eps_t(
+    model_output: Tensor, x: Tensor, alpha_t: Tensor, prediction_type: str
+) -> tuple[Tensor, Tensor]:
+    """:func:`predict_x0_eps` with a 0-dim tensor :math:`\\bar\\alpha_t` (so gradients reach it)."""
+    sqrt_a, sqrt_1ma = alpha_t.sqrt(), (1.0 - alpha_t).sqrt()
+    if prediction_type == "epsilon":
+        return (x - sqrt_1ma * model_output) / sqrt_a, model_output
+    if prediction_type == "sample":
+        return model_output, (x - sqrt_a * model_output) / sqrt_1ma
+    if prediction_type == "v_prediction":
+        return sqrt_a * x - sqrt_1ma * model_output, sqrt_a * model_output + sqrt_1ma * x
+    raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
+def _ddim_step_t(
+    x: Tensor,
+    out: Tensor,
+    a_t: Tensor,
+    a_prev: Tensor | float,
+    schedule: NoiseSchedule,
+    eta: float,
+    noise: Tensor | None,
+) -> Tensor:
+    """:func:`ddim_step` (Song et al. 2021, Eq. 12 and 16) with tensor :math:`\\bar\\alpha`; a float ``a_prev``
+    is the constant end of the chain."""
+    x0, eps = _predict_x0_eps_t(out, x, a_t, schedule.prediction_type)
+    x0 = _clip_x0(x0, schedule)
+    if isinstance(a_prev, float) and a_prev >= 1.0:
+        return x0  # sqrt(1 - 1) = 0: the direction term and sigma vanish
+    a_p = torch.as_tensor(a_prev, dtype=torch.float64)
+    if eta > 0.0:
+        sigma = eta * ((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)).sqrt()
+        x_prev = a_p.sqrt() * x0 + (1.0 - a_p - sigma**2).clamp(min=0.0).sqrt() * eps
+        if noise is None or noise.shape != x.shape:
+            raise ValueError(f"eta={eta}: expected per-step noise shaped like x {tuple(x.shape)}")
+        return x_prev + sigma * noise
+    return a_p.sqrt() * x0 + (1.0 - a_p).sqrt() * eps
+
+
+def _half_log_snr_t(a: Tensor) -> Tensor:
+    return 0.5 * (a.log() - torch.log1p(-a))
+
+
+def _dpmpp_2m_step_t(
+    x: Tensor,
+    out: Tensor,
+    a_t: Tensor,
+    a_prev: Tensor | float,
+    schedule: NoiseSchedule,
+    x0_last: Tensor | None,
+    a_last: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`dpmpp_2m_step` (Lu et al. 2022, DPM-Solver++ Algorithm 2) with tensor :math:`\\bar\\alpha`."""
+    x0, _ = _predict_x0_eps_t(out, x, a_t, schedule.prediction_type)
+    x0 = _clip_x0(x0, schedule)
+    if isinstance(a_prev, float) and a_prev >= 1.0:
+        return x0, x0
+    a_p = torch.as_tensor(a_prev, dtype=torch.float64)
+    lam_t, lam_p = _half_log_snr_t(a_t), _half_log_snr_t(a_p)
+    h = lam_p - lam_t
+    coeff = -a_p.sqrt() * torch.expm1(-h)
+    x_prev = ((1.0 - a_p).sqrt() / (1.0 - a_t).sqrt()) * x + coeff * x0
+    if x0_last is not None and a_last is not None and not isinstance(a_prev, float):
+        r = (lam_t - _half_log_snr_t(a_last)) / h
+        x_prev = x_prev + (0.5 * coeff / r) * (x0 - x0_last)
+    return x_prev, x0
+
+
+def _continuous_step(
+    x: Tensor,
+    x0_last: Tensor | None,
+    t: Tensor,
+    a_t: Tensor,
+    a_prev: Tensor | None,
+    a_last: Tensor | None,
+    noise: Tensor | None,
+    *,
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    sampler: str,
+    eta: float,
+) -> tuple[Tensor, Tensor]:
+    t_in = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32).expand(x.shape[0])
+    out = denoiser(x, t_in)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ValueError(f"denoiser output: expected a tensor shaped like x {tuple(x.shape)}")
+    out = out.to(x.dtype)
+    prev: Tensor | float = float(schedule.final_alpha_cumprod) if a_prev is None else a_prev
+    if sampler == "ddim":
+        x_next = _ddim_step_t(x, out, a_t, prev, schedule, eta, noise)
+        return x_next, x_next
+    return _dpmpp_2m_step_t(x, out, a_t, prev, schedule, x0_last, a_last)
+
+
+def sample_continuous(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Tensor,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    checkpointing: bool = False,
+) -> Tensor:
+    """:func:`sample` over a real-valued, strictly descending grid ``timesteps`` (a 1-D tensor in ``[-1, N-1]``,
+    e.g. the output of :class:`mmdsweep.core.timegrid.TimeGrid`), differentiable in the grid as well.
+
+    The schedule is evaluated with :func:`alpha_bar_at` and the denoiser receives the real-valued ``t`` (diffusers'
+    sinusoidal timestep embedding accepts fractional timesteps); the last step goes to the chain's clean end
+    (``final_alpha_cumprod``), as in :func:`sample`. On an integer grid the result equals :func:`sample`'s for
+    ``ddim`` and ``dpmpp_2m`` (same step equations, tensor instead of Python-float scalars).
+    """
+    if sampler not in ("ddim", "dpmpp_2m"):
+        raise ValueError(f"sampler={sampler!r}: learned grids support 'ddim' and 'dpmpp_2m'")
+    if not 0.0 <= eta <= 1.0 or (eta > 0.0 and sampler != "ddim"):
+        raise ValueError(f"eta={eta!r}: expected 0 <= eta <= 1, and eta = 0 unless sampler='ddim'")
+    if not isinstance(timesteps, Tensor) or timesteps.ndim != 1 or timesteps.numel() < 1:
+        raise ValueError("timesteps: expected a non-empty 1-D tensor")
+    tt = timesteps.detach()
+    n = schedule.num_train_timesteps
+    if bool((tt[1:] >= tt[:-1]).any()) or float(tt.min()) < -1.0 or float(tt.max()) > n - 1:
+        raise ValueError(f"timesteps={tt.tolist()}: expected strictly descending values in [-1, {n - 1}]")
+    a = alpha_bar_at(schedule, timesteps)
+    T = int(timesteps.numel())
+    noise: Tensor | None = None
+    if eta > 0.0:
+        device = generator.device if generator is not None else x_T.device
+        noise = torch.randn((T, *x_T.shape), generator=generator, device=device, dtype=x_T.dtype).to(
+            x_T.device
+        )
+    fn = functools.partial(_continuous_step, denoiser=denoiser, schedule=schedule, sampler=sampler, eta=eta)
+    x, x0_last = x_T, None
+    for i in range(T):
+        args = (
+            x,
+            x0_last,
+            timesteps[i],
+            a[i],
+            a[i + 1] if i + 1 < T else None,
+            a[i - 1] if i > 0 else None,
+            None if noise is None else noise[i],
+        )
+        x, x0_last = _run_step(fn, checkpointing, *args)
+    return x

@@ -54,7 +54,8 @@ from mmdsweep.config import (
 )
 from mmdsweep.core import noise as noise_mod
 from mmdsweep.core.mmd import KernelSpec, mmd2_unbiased
-from mmdsweep.core.sampling import ChainSpec, run_chain
+from mmdsweep.core.sampling import ChainSpec, run_chain, sample_continuous
+from mmdsweep.core.timegrid import TimeGrid
 from mmdsweep.inference.evaluation import EvalResult, EvalSpace, Evaluator
 from mmdsweep.inference.generate import chain_from_experiment
 from mmdsweep.train import adapters, pretrain
@@ -174,6 +175,7 @@ def save_checkpoint(
     exp: Experiment,
     *,
     base_model: str | None = None,
+    grid: TimeGrid | None = None,
 ) -> None:
     """A checkpoint directory: a diffusers model (``unet/``, ``scheduler/``) + training state.
 
@@ -182,6 +184,8 @@ def save_checkpoint(
     ``base_model`` directory that :func:`mmdsweep.assets.adapters.merge_adapter_if_any` merges into.
     """
     chain = chain_from_experiment(exp, scheduler_config)
+    if grid is not None:  # the rounded learned grid is the chain users get (scored, sampled, exported)
+        chain = dataclasses.replace(chain, grid=tuple(grid.rounded()))
     # the saved scheduler config carries the chain's clipping, so every later reader sees the trained chain
     scheduler_config = {
         **scheduler_config,
@@ -200,6 +204,11 @@ def save_checkpoint(
         save_denoiser(directory, model, scheduler_config)
     ts = directory / "train_state"
     ts.mkdir(exist_ok=True)
+    learned: dict[str, Any] = {}
+    # issue 9: the learned grid, continuous (for resume) and rounded (what is scored and exported)
+    if grid is not None:
+        save_file({"logits": grid.logits.detach().cpu().contiguous()}, ts / "timegrid.safetensors")
+        learned = {"timestep_grid": grid.timesteps(), "timestep_grid_int": grid.rounded()}
     if raw is not None:
         raw_state = adapters.adapter_state(raw) if lora else raw.state_dict()
         save_file(
@@ -215,15 +224,24 @@ def save_checkpoint(
         "spacing": chain.spacing,
         "eta": exp.sampler.eta,
         "chain": chain.to_dict(),
+        "train": exp.finetune.train,
+        **learned,
         "experiment": exp.to_dict(),
     }
     atomic_write_text(directory / STATE_FILE, json.dumps(meta, indent=2, default=float))
 
 
 def load_training_state(
-    directory: Path, model: torch.nn.Module, raw: torch.nn.Module | None, optimizer: torch.optim.Optimizer
+    directory: Path,
+    model: torch.nn.Module,
+    raw: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    grid: TimeGrid | None = None,
 ) -> RunState:
     """Restore weights (or the LoRA adapter), optimizer state and counters from :func:`save_checkpoint`'s directory."""
+    if grid is not None:
+        with torch.no_grad():
+            grid.logits.copy_(load_file(directory / "train_state" / "timegrid.safetensors")["logits"])
     ts = directory / "train_state"
     if adapters.is_adapter(model):
         adapters.load_adapter(directory, model)
@@ -259,6 +277,8 @@ class Setup:
     bank: Any
     evaluator: Evaluator | None
     src: comp.ModelSource
+    # issue 9: the learned timestep grid of the current run (finetune.train: timesteps | both)
+    grid: TimeGrid | None = None
 
 
 def build_setup(
@@ -321,6 +341,9 @@ def evaluate_model(setup: Setup, unet: torch.nn.Module) -> EvalResult:
     assert setup.evaluator is not None
     exp = setup.exp
     den = setup.denoiser
+    chain = chain_of(exp, den)
+    if setup.grid is not None:  # issue 9: score the rounded learned grid (what an export gives users)
+        chain = dataclasses.replace(chain, grid=tuple(setup.grid.rounded()))
     was_training = unet.training
     unet.eval()
     try:
@@ -328,7 +351,7 @@ def evaluate_model(setup: Setup, unet: torch.nn.Module) -> EvalResult:
             den.eps_fn(unet),
             den.schedule,
             (den.channels, den.resolution, den.resolution),
-            chain=chain_of(exp, den),
+            chain=chain,
             dtype=next(unet.parameters()).dtype,
         )
     finally:
@@ -347,7 +370,7 @@ def generate_features(
     setup: Setup,
     eps: Any,
     step: int,
-    timesteps: list[int],
+    timesteps: list[int] | TimeGrid,
     start: int,
     count: int,
 ) -> torch.Tensor:
@@ -365,13 +388,29 @@ def generate_features(
         step=step,
         start=start,
         count=count,
-        num_steps=len(timesteps),
+        num_steps=timesteps.T if isinstance(timesteps, TimeGrid) else len(timesteps),
         eta=sc.eta,
         device=setup.device,
     )
     dtype = next(den.unet.parameters()).dtype
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
+    if isinstance(timesteps, TimeGrid):  # issue 9: a learned, real-valued grid (differentiable in the grid)
+        if z is not None:
+            raise ConfigError(f"{exp.source}: finetune.train: a learned timestep grid needs sampler.eta 0")
+        chain0 = chain_of(exp, den)
+        x0 = sample_continuous(
+            eps,
+            x_T.to(dtype),
+            den.schedule,
+            timesteps.grid(),
+            sampler=sc.name,
+            checkpointing=sc.checkpointing,
+        )
+        if chain0.final_clamp:
+            x0 = x0.clamp(-1.0, 1.0)
+        feats_g: torch.Tensor = setup.train_space(x0 if x0.dtype == torch.float64 else x0.float())
+        return feats_g if feats_g.dtype == torch.float64 else feats_g.float()
     chain = dataclasses.replace(chain_of(exp, den), timesteps=len(timesteps), grid=tuple(timesteps))
     x0 = run_chain(
         eps,
@@ -401,7 +440,7 @@ def mmd_loss(
     setup: Setup,
     unet: torch.nn.Module,
     step: int,
-    timesteps: list[int],
+    timesteps: list[int] | TimeGrid,
     spec: KernelSpec,
     real_global: int,
     *,
@@ -426,7 +465,7 @@ def mmd_step(
     setup: Setup,
     eps: Any,
     step: int,
-    timesteps: list[int],
+    timesteps: list[int] | TimeGrid,
     spec: KernelSpec,
     real_global: int,
     *,
@@ -528,18 +567,34 @@ def run_finetune(
     if ft.ema_decay is not None:
         ema = copy.deepcopy(unet).requires_grad_(False)
     model_for_eval = ema if ema is not None else raw
+    # issue 9: finetune.train selects the weights, a learned timestep grid, or both (own lr, no decay)
+    n_train = den.schedule.num_train_timesteps
+    grid = None
+    if ft.train != "weights":
+        # initialised exactly at the chain's grid (its sampler's spacing), then learned
+        grid = TimeGrid([float(t) for t in chain_of(exp, den).timestep_grid(n_train)], n_train).to(device)
+    setup.grid = grid
+    if ft.train == "timesteps":
+        raw.requires_grad_(False)  # the pretrained weights stay bit-identical
     params = [p for p in raw.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": params}] if params else []
+    if grid is not None:
+        groups.append({"params": list(grid.parameters()), "lr": ft.timestep_lr, "weight_decay": 0.0})
     opt_cls = torch.optim.AdamW if ft.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=ft.lr, betas=(ft.betas[0], ft.betas[1]), weight_decay=ft.weight_decay)
+    optimizer = opt_cls(groups, lr=ft.lr, betas=(ft.betas[0], ft.betas[1]), weight_decay=ft.weight_decay)
     spec = kernel_spec(exp)
-    timesteps = chain_of(exp, den).timestep_grid(den.schedule.num_train_timesteps)
+    timesteps: list[int] | TimeGrid = (
+        grid if grid is not None else chain_of(exp, den).timestep_grid(den.schedule.num_train_timesteps)
+    )
     real_global = ft.real_batch_size or ft.batch_size * world
     ckpt_every = ft.checkpoint_every or ft.eval_every
 
     state = RunState()
     with _checkpoint_from(reporter) as ckpt:
         if ckpt is not None:
-            state = load_training_state(ckpt, model_for_eval, raw if ema is not None else None, optimizer)
+            state = load_training_state(
+                ckpt, model_for_eval, raw if ema is not None else None, optimizer, grid
+            )
             scaler.load_state_dict(state.loss_scaler)
     if state.step >= ft.steps and state.last_metrics:
         # resumed from the final checkpoint (e.g. the driver died right after it was written):
@@ -577,6 +632,11 @@ def run_finetune(
         # because the gradients were averaged first)
         grads_ok = scaler.unscale_and_check(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.grad_clip if ft.grad_clip else math.inf)
+        if grid is not None:  # issue 9: the grid's gradient is averaged and clipped on its own
+            dist_utils.average_gradients(grid)
+            grad_norm = grad_norm + torch.nn.utils.clip_grad_norm_(
+                grid.parameters(), ft.grad_clip if ft.grad_clip else math.inf
+            ).to(grad_norm)
         loss_val = float(loss.detach())
         bandwidth = _effective_bandwidth(info)
         finite = math.isfinite(loss_val) and (not grads_ok or bool(torch.isfinite(grad_norm)))
@@ -683,6 +743,7 @@ def _report(
                 state,
                 setup.exp,
                 base_model=setup.src.model_dir,
+                grid=setup.grid,
             )
             reporter.report(metrics, d)
     else:
