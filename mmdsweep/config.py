@@ -415,11 +415,21 @@ class EvalConfig:
         default=0.1, gt=0, le=0.5, description="held-out fraction for datasets without a test split, (0, 0.5]"
     )
     baselines: Bool = Field(default=True, description="measure every training-free baseline per T (cached)")
+    speed_timesteps: list[Annotated[int, Strict(), at.Ge(1)]] = Field(
+        default_factory=lambda: [5, 10, 20, 50],
+        description="T values at which the sweep times the base model's sampling (plus every trial's T)",
+    )
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> EvalConfig:
         if len(set(self.final_seeds)) != len(self.final_seeds):
             _err(f"must be distinct seeds, got {_show(self.final_seeds)}", "final_seeds")
+        if self.seed in self.final_seeds:
+            _err(
+                f"must be fresh noise seeds, but {self.seed} is also eval.seed (the selection noise), "
+                f"got {_show(self.final_seeds)}",
+                "final_seeds",
+            )
         return self
 
 

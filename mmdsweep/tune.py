@@ -543,7 +543,7 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
     _write_meta(sdir, {**meta, **result})
     from mmdsweep.inference import speed
 
-    ts = sorted({5, 10, 20, 50} | {int(t) for t in trials["timesteps"].dropna().unique()})
+    ts = sorted(set(exp.eval.speed_timesteps) | {int(t) for t in trials["timesteps"].dropna().unique()})
     df = speed.measure_sweep_speed(
         sdir,
         timesteps=ts,

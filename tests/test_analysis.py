@@ -21,9 +21,9 @@ from sweep_fixture import BASE_SPEED, BEST_PER_T, EXPORT_SPEED, TRIALS, build_sw
 
 from mmdsweep import analysis as A
 from mmdsweep.assets.models import load_denoiser
-from mmdsweep.core.sampling import select_timesteps
+from mmdsweep.core.sampling import ChainSpec, select_timesteps
 from mmdsweep.inference import speed as S
-from mmdsweep.inference.evaluation import eval_noise, generate
+from mmdsweep.inference.generate import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per module
 
@@ -310,12 +310,9 @@ def test_sample_grid_uses_evaluation_noise(results_dir: Path) -> None:
     ref, _ = generate(
         den.eps_fn(),
         den.schedule,
+        ChainSpec(sampler="ddim", timesteps=5, spacing="leading", clip_sample=den.schedule.clip_sample),
         num=6,
         shape=(3, 16, 16),
-        timesteps=5,
-        sampler="ddim",
-        spacing="uniform",
-        eta=0.0,
         seed=3,
         batch_size=6,
         device=torch.device("cpu"),
@@ -325,7 +322,6 @@ def test_sample_grid_uses_evaluation_noise(results_dir: Path) -> None:
     tuned = A.sample_grid(results_dir / "exported" / "T5", 5, num=6, seed=3)
     assert not torch.allclose(tuned, x, atol=1e-3)  # another model, same noise
     assert select_timesteps(5, den.schedule.num_train_timesteps) == [800, 600, 400, 200, 0]
-    assert eval_noise(2, (3, 16, 16), 3).shape == (2, 3, 16, 16)
 
 
 def test_before_after_grids(sweep: A.Sweep) -> None:

