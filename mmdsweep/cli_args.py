@@ -50,3 +50,59 @@ def precheck(parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] 
         print(f"error: {e}", file=sys.stderr)
         return 2
     return None
+
+
+SAMPLER_NAMES = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc")  # mmdsweep.core.sampling.SAMPLERS (tested equal)
+SPACING_NAMES = ("leading", "trailing", "linspace", "quadratic")
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    """``python -m mmdsweep.sample``'s arguments (no torch: ``--help`` is instant)."""
+    p = argparse.ArgumentParser(
+        prog="python -m mmdsweep.sample",
+        description="Sample images from an mmdsweep checkpoint or exported diffusers pipeline.",
+    )
+    p.add_argument("model", help="checkpoint directory or exported pipeline directory")
+    p.add_argument(
+        "--timesteps",
+        "-T",
+        type=int,
+        default=None,
+        help="sampler steps (default: state.json / mmdsweep.json)",
+    )
+    p.add_argument("--num", "-n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument(
+        "--out", "-o", required=True, help="grid .png/.jpg, .npz, or a directory for one PNG per image"
+    )
+    p.add_argument(
+        "--sampler", choices=list(SAMPLER_NAMES), default=None, help="default: state.json, else ddim"
+    )
+    p.add_argument(
+        "--spacing",
+        choices=[*SPACING_NAMES, "uniform"],
+        default=None,
+        help="timestep spacing (default: the recorded chain, else the sampler's standard grid)",
+    )
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: state.json, else 0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0, as the sweep's evaluation)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--grid-scale", type=int, default=1, help="nearest-neighbour upscaling of a grid")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def speed_parser() -> argparse.ArgumentParser:
+    """``python -m mmdsweep.speed``'s arguments (no torch: ``--help`` is instant)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mmdsweep.speed",
+        description="Measure sampling speed of a sweep's base model and exports; write RESULTS_DIR/speed.parquet.",
+    )
+    parser.add_argument("results_dir", help="sweep results directory (with sweep.json)")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[5, 10, 20, 50])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    return parser

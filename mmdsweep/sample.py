@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from mmdsweep.inference.generate import main
+from collections.abc import Sequence
+
+from mmdsweep.cli_args import sample_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments first (``--help`` and usage errors without importing torch), then run."""
+    sample_parser().parse_args(argv)
+    from mmdsweep.inference.generate import main as run
+
+    return run(argv)
+
 
 __all__ = ["main"]
 

@@ -73,7 +73,7 @@ def test_analysis_and_results_import_without_ray() -> None:
     assert "ray" not in out.stdout
 
 
-@pytest.mark.parametrize("cli", ["tune", "finetune", "pretrain", "report"])
+@pytest.mark.parametrize("cli", ["tune", "finetune", "pretrain", "report", "sample", "speed"])
 def test_help_does_not_import_torch(cli: str) -> None:
     code = (
         "import runpy, sys\n"
@@ -332,3 +332,19 @@ def test_spearman_is_scipy_and_handles_ties_and_constants() -> None:
     ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
     assert A.spearman(a, b) == pytest.approx(float(np.corrcoef(ra, rb)[0, 1]), abs=1e-12)
     assert np.isnan(A.spearman(a, np.ones(5)))
+
+
+def test_torch_free_cli_parsers_agree_with_the_package() -> None:
+    """The sample/speed parsers live in the torch-free cli_args; their choices are the package's."""
+    from mmdsweep.cli_args import SAMPLER_NAMES, SPACING_NAMES, speed_parser
+    from mmdsweep.config import SPACINGS
+    from mmdsweep.core.dtypes import DTYPES
+    from mmdsweep.core.sampling import SAMPLERS
+    from mmdsweep.inference.speed import DEFAULT_TIMESTEPS
+
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)
+    assert tuple(SPACING_NAMES) == tuple(SPACINGS)
+    args = speed_parser().parse_args(["x"])
+    assert args.timesteps == list(DEFAULT_TIMESTEPS)
+    dtype_action = next(a for a in speed_parser()._actions if a.dest == "dtype")
+    assert set(dtype_action.choices or []) == set(DTYPES)

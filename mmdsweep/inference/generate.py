@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from mmdsweep.core.noise import initial_noise, step_noise
-from mmdsweep.core.sampling import SAMPLERS, TIMESTEP_SPACINGS, ChainSpec, NoiseSchedule, run_chain
+from mmdsweep.core.sampling import ChainSpec, NoiseSchedule, run_chain
 from mmdsweep.utils import atomic_write_bytes, progress, resolve_device, save_grid, to_uint8
 
 if TYPE_CHECKING:
@@ -386,36 +386,9 @@ def write_samples(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mmdsweep.sample",
-        description="Sample images from an mmdsweep checkpoint or exported diffusers pipeline.",
-    )
-    p.add_argument("model", help="checkpoint directory or exported pipeline directory")
-    p.add_argument(
-        "--timesteps",
-        "-T",
-        type=int,
-        default=None,
-        help="sampler steps (default: state.json / mmdsweep.json)",
-    )
-    p.add_argument("--num", "-n", type=int, default=64, help="number of images (default 64)")
-    p.add_argument(
-        "--out", "-o", required=True, help="grid .png/.jpg, .npz, or a directory for one PNG per image"
-    )
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: state.json, else ddim")
-    p.add_argument(
-        "--spacing",
-        choices=[*TIMESTEP_SPACINGS, "uniform"],
-        default=None,
-        help="timestep spacing (default: the recorded chain, else the sampler's standard grid)",
-    )
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: state.json, else 0)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0, as the sweep's evaluation)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--grid-scale", type=int, default=1, help="nearest-neighbour upscaling of a grid")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    return p
+    from mmdsweep.cli_args import sample_parser
+
+    return sample_parser()
 
 
 def fail(message: str) -> int:

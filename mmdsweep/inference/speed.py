@@ -16,7 +16,6 @@ Command line (measures the base model and every export listed in ``sweep.json``)
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import math
 import os
@@ -219,17 +218,9 @@ def measure_sweep_speed(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmdsweep.speed",
-        description="Measure sampling speed of a sweep's base model and exports; write RESULTS_DIR/speed.parquet.",
-    )
-    parser.add_argument("results_dir", help="sweep results directory (with sweep.json)")
-    parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-images", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    from mmdsweep.cli_args import speed_parser
+
+    parser = speed_parser()
     args = parser.parse_args(argv)
     if not SweepLayout(args.results_dir).sweep_json.is_file():
         return fail(f"{args.results_dir}/sweep.json not found: not a sweep results directory")
