@@ -51,6 +51,7 @@ def common_overrides(rs: RealScale, out: Path) -> list[str]:
         "eval.kid_subset_size": 2,
         "eval.final_seeds": [1, 2, 3],
         "eval.speed_timesteps": [1],
+        "eval.num_reference": None,  # the experiments' 50,000 is refused up front for a few dozen images
         "eval.baselines": False,
         "search.num_samples": 2,
         "search.grace_period": 1,
