@@ -185,7 +185,11 @@ def test_two_workers_equal_one_process_with_the_global_batch(tiny_yaml: Path, tm
     for n, p in unet.named_parameters():
         if p.grad is None:
             continue
-        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-7)
+        # float32 sums over the gathered vs the whole batch add in another order (and with 2 torch
+        # threads, in other chunks): elements near zero can differ by ~eps * sqrt(n) * the tensor's scale,
+        # so the absolute tolerance scales with the gradient's largest element
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-4 * scale + 1e-7)
         checked += 1
     assert checked > 10
 
