@@ -144,25 +144,27 @@ LSUN_SPACE = {
 
 
 @pytest.mark.slow
-def test_cifar10_and_lsun_sweeps_end_to_end(realscale: RealScale, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.timeout(1800)  # ~8 min on an idle 2-core machine (35.7M-parameter UNet on the CPU)
+def test_cifar10_sweep_end_to_end(realscale: RealScale, tmp_path: Path) -> None:  # noqa: F811
+    """The Hub's exact google/ddpm-cifar10-32 (found through HF_HUB_CACHE by its repo id)."""
     rs = realscale
-    timings: dict[str, float] = {}
-
-    # CIFAR-10: the Hub's exact google/ddpm-cifar10-32 (found through HF_HUB_CACHE by its repo id)
     out = tmp_path / "cifar10"
     args = [str(ROOT / "experiments" / "cifar10.yaml"), "--quiet", *common_overrides(rs, out)]
     args += ["--set", f"data.root={rs.cifar10}", "--set", f"search.space={_flow(CIFAR_SPACE)}"]
     t0 = time.time()
-    res = run_cli("mmdsweep.tune", args, rs, timeout=900)
-    timings["cifar10"] = time.time() - t0
+    res = run_cli("mmdsweep.tune", args, rs, timeout=1500)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     sdir = out / "sweep"
     check_sweep(sdir, res.stdout, resolution=32, num_trials=2)
-    t0 = time.time()
     run_report(sdir, rs)
-    timings["cifar10 report"] = time.time() - t0
+    print(f"cifar10 sweep + report: {time.time() - t0:.0f} s")
 
-    # LSUN church: google/ddpm-ema-church-256's architecture at a reduced resolution
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_lsun_sweep_end_to_end(realscale: RealScale, tmp_path: Path) -> None:  # noqa: F811
+    """google/ddpm-ema-church-256's architecture at a reduced resolution, LSUN's LMDB format."""
+    rs = realscale
     out = tmp_path / "lsun"
     args = [str(ROOT / "experiments" / "lsun.yaml"), "--quiet", *common_overrides(rs, out)]
     args += [
@@ -173,15 +175,12 @@ def test_cifar10_and_lsun_sweeps_end_to_end(realscale: RealScale, tmp_path: Path
         "--set", f"search.space={_flow(LSUN_SPACE)}",
     ]  # fmt: skip
     t0 = time.time()
-    res = run_cli("mmdsweep.tune", args, rs, timeout=900)
-    timings["lsun"] = time.time() - t0
+    res = run_cli("mmdsweep.tune", args, rs, timeout=1500)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     sdir = out / "sweep"
     check_sweep(sdir, res.stdout, resolution=rs.church_sample_size, num_trials=2)
-    t0 = time.time()
     run_report(sdir, rs)
-    timings["lsun report"] = time.time() - t0
-    print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    print(f"lsun sweep + report: {time.time() - t0:.0f} s")
 
 
 # ----------------------------------------------------------------------------- cheap checks
