@@ -1,24 +1,29 @@
 """FID (final protocol) against fine-tuning wall time for ``finetune.train: weights | timesteps | both`` (issue 9).
 
-Final protocol, implemented minimally here because the evaluation branch's final-protocol API is not in this
-branch: a held-out reference (for digits the test split, ``data.split: test``: never seen by pretraining, the
-bank or selection), k fresh noise seeds (default 1001 1002 1003, not the selection seed), N samples per
-seed, mean +- std over the seeds, in the primary evaluation space. Every fine-tuning checkpoint is scored on
-its *rounded* grid (what an export gives users). The best training-free sampler at the same T (DDIM and
-DPM-Solver++(2M) on the leading / trailing / linspace / quadratic grids) is scored the same way and drawn as a
-horizontal line with its +-1 std band.
+The final protocol of :mod:`mmdsweep.train.protocol`, the same code and cache as the sweep and
+``python -m mmdsweep.evaluate``: the held-out reference (digits: the test split, never seen by pretraining,
+the bank or selection), k fresh noise seeds (``eval.final_seeds``), N = ``eval.final_num_samples`` images
+per seed, mean +- std (ddof=1) over the seeds, in the primary space and every ``features.extra_eval`` space.
+Each fine-tuning run (one per mode, the experiment's own hyper-parameters, ``--set`` to change them) saves
+a checkpoint every ``--eval-every`` steps; every checkpoint is scored on its recorded chain (a learned grid
+rounded to integers: what an export gives users). The best training-free baseline at the same T (every
+sampler x spacing of :data:`~mmdsweep.train.protocol.BASELINE_SAMPLERS` x ``BASELINE_SPACINGS``, cached and
+shared with the sweep) is the horizontal line, with its +-1 std band. The x axis is the fine-tuning wall
+time (the loop's time to the checkpoint, including its own small selection evaluations); the final scoring
+is not counted.
 
-    OMP_NUM_THREADS=1 python benchmarks/quality_vs_time.py experiments/digits.yaml          # ~15 min on 2 cores
+    python benchmarks/quality_vs_time.py experiments/digits.yaml [--T 5] [--steps 60] [--eval-every 20]
 
-Writes ``benchmarks/results/quality_vs_time.{md,png}``.
+Writes ``benchmarks/results/quality_vs_time.{md,png}`` and appends its rows to
+``benchmarks/results/quality_vs_time.parquet`` (``evaluation.parquet``'s schema).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -27,58 +32,19 @@ from typing import Any
 
 import torch
 
-from mmdsweep.assets import components as comp
-from mmdsweep.assets.models import load_denoiser
 from mmdsweep.config import load_experiment, parse_override
-from mmdsweep.core.timegrid import SPACINGS, spacing_timesteps
-from mmdsweep.inference.evaluation import Evaluator
-from mmdsweep.train.loop import build_setup, run_finetune
+from mmdsweep.inference.generate import prepare_model, quiet_diffusers
+from mmdsweep.train import protocol as ev
+from mmdsweep.train.loop import run_finetune
 from mmdsweep.train.reporting import LocalReporter
 from mmdsweep.utils import set_threads
 
 
-def final_evaluators(exp: Any, device: torch.device, seeds: list[int], n: int) -> tuple[list[Evaluator], str]:
-    """One evaluator per fresh seed against the held-out reference in the primary space."""
-    src = comp.resolve_model_source(exp, allow_pretrain=False)
-    den = comp.load_model(exp, src, device)
-    ref_exp = exp.with_overrides({"data.split": "test"})
-    name = exp.features.eval
-    space = comp.build_space(ref_exp, name, src, device, for_eval=True)
-    ref = comp.build_reference(
-        ref_exp, space, comp.space_id(ref_exp, name, src, for_eval=True), den.channels, device
-    )
-    e = exp.eval
-    evs = [
-        Evaluator(
-            {name: space},
-            {name: ref},
-            primary=name,
-            num_samples=n,
-            batch_size=e.batch_size,
-            seed=s,
-            kid_subsets=e.kid_subsets,
-            kid_subset_size=e.kid_subset_size,
-            device=device,
-        )
-        for s in seeds
-    ]
-    return evs, f"held-out digits test split ({len(ref.feats) if ref.feats is not None else '?'} images)"
-
-
-def score(evs: list[Evaluator], den: Any, sampler: str, grid: list[int]) -> tuple[float, float]:
-    unet = den.unet.eval()
-    fids = []
-    for ev in evs:
-        r = ev.evaluate(
-            den.eps_fn(unet),
-            den.schedule,
-            (den.channels, den.resolution, den.resolution),
-            timesteps=len(grid),
-            sampler=sampler,
-            grid=grid,
-        )
-        fids.append(r.fid)
-    return statistics.fmean(fids), statistics.stdev(fids) if len(fids) > 1 else float("nan")
+def _mean_std(rows: list[dict[str, Any]], space: str) -> tuple[float, float]:
+    fids = [r["fid"] for r in rows if r["space"] == space]
+    mean = sum(fids) / len(fids)
+    std = math.sqrt(sum((f - mean) ** 2 for f in fids) / (len(fids) - 1)) if len(fids) > 1 else math.nan
+    return mean, std
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,21 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("experiment")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the experiment")
     ap.add_argument("--T", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--modes", nargs="+", default=["weights", "timesteps", "both"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[1001, 1002, 1003])
-    ap.add_argument("--num-samples", type=int, default=400)
-    ap.add_argument(
-        "--baselines",
-        nargs="+",
-        default=[f"{m}:{sp}" for m in ("ddim", "dpmpp_2m") for sp in SPACINGS],
-        help="training-free samplers to score, as sampler:spacing",
-    )
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/quality_vs_time")
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    quiet_diffusers()
     device = torch.device("cpu")
     exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set)).with_overrides(
         {
@@ -110,96 +67,133 @@ def main(argv: list[str] | None = None) -> int:
             "finetune.device": "cpu",
         }
     )
+    set_threads(exp.finetune.threads)
     t0 = time.perf_counter()
-    evs, ref_name = final_evaluators(exp, device, args.seeds, args.num_samples)
-    src = comp.resolve_model_source(exp, allow_pretrain=False)
-    base = comp.load_model(exp, src, device)
-    N = base.schedule.num_train_timesteps
-    baselines: dict[str, tuple[float, float]] = {}
-    sp0 = exp.sampler.timestep_spacing or {"uniform": "leading"}.get(exp.sampler.spacing, exp.sampler.spacing)
-    wanted = list(dict.fromkeys([*args.baselines, f"{exp.sampler.name}:{sp0}"]))
-    for sampler, spacing in (b.split(":") for b in wanted):
-        baselines[f"{sampler} {spacing}"] = score(evs, base, sampler, spacing_timesteps(args.T, N, spacing))
-        print(f"baseline {sampler} {spacing}: FID {baselines[f'{sampler} {spacing}'][0]:.3f}", flush=True)
-    best_name = min(baselines, key=lambda k: baselines[k][0])
-    curves: dict[str, list[tuple[int, float, float, float, list[int]]]] = {}
+    from mmdsweep.train.pretrain import resolve_model_source
+
+    src = resolve_model_source(exp)  # pretrains the embedded default's model once (cached)
+    base_dir = str(src.model_dir)
+    den, _, _, _ = prepare_model(base_dir, device)
+    evaluator = ev.build_final_evaluator(exp, den.channels, device)
+    spaces = [exp.features.eval, *[n for n in exp.features.extra_eval if n != exp.features.eval]]
+    all_rows = ev.baseline_rows(exp, base_dir, [args.T], evaluator, show_progress=True)
+    baselines: dict[str, dict[str, tuple[float, float]]] = {}
+    for r in all_rows:
+        baselines.setdefault(f"{r['sampler']} {r['spacing']}", {})
+    for name in baselines:
+        sampler, spacing = name.split()
+        mine = [r for r in all_rows if r["sampler"] == sampler and r["spacing"] == spacing]
+        baselines[name] = {sp: _mean_std(mine, sp) for sp in spaces}
+    best = {sp: min(baselines, key=lambda k, sp=sp: baselines[k][sp][0]) for sp in spaces}
+    start_name = f"{exp.sampler.name} {exp.sampler.timestep_spacing or 'leading'}"
+    curves: dict[str, list[tuple[int, float, dict[str, tuple[float, float]], list[int] | None]]] = {}
     with tempfile.TemporaryDirectory(prefix="qvt-") as tmp:
         for mode in args.modes:
-            run_exp = exp.with_overrides(
-                {"finetune.train": mode, "eval.num_samples": 50, "eval.batch_size": 50}
-            )
-            setup = build_setup(run_exp, device, evaluate=True, allow_pretrain=False)
+            run_exp = exp.with_overrides({"finetune.train": mode})
             run_dir = Path(tmp) / mode
-            run_finetune(run_exp, LocalReporter(run_dir, device="cpu", num_to_keep=1000), setup=setup)
-            rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            init = spacing_timesteps(args.T, N, sp0)
-            m0, s0 = baselines[f"{exp.sampler.name} {sp0}"]
-            pts = [(0, 0.0, m0, s0, init)]
-            for r in rows:
-                ck = Path(r["checkpoint_path"])
+            run_finetune(run_exp, LocalReporter(run_dir, device="cpu", num_to_keep=1000, keep_best=None))
+            reports = [
+                json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+            ]
+            pts: list[tuple[int, float, dict[str, tuple[float, float]], list[int] | None]] = [
+                (0, 0.0, baselines.get(start_name, {}), None)
+            ]
+            for rep in reports:
+                ck = Path(rep["checkpoint_path"])
+                rows = ev.final_rows_for_model(run_exp, ck, evaluator, label=f"{mode}@{rep['step']}")
+                for r in rows:
+                    r["trial_id"] = f"quality_vs_time:{mode}:{rep['step']}"
+                all_rows += rows
                 state = json.loads((ck / "state.json").read_text())
-                grid = state.get("timestep_grid_int", init)
-                m, s = score(evs, load_denoiser(str(ck)), exp.sampler.name, grid)
-                pts.append((r["step"], r["elapsed_s"], m, s, grid))
+                grid = state.get("timestep_grid_int") or state.get("chain", {}).get("grid")
+                scores = {sp: _mean_std(rows, sp) for sp in spaces}
+                pts.append((int(rep["step"]), float(rep["elapsed_s"]), scores, grid))
+                m, s = scores[spaces[0]]
                 print(
-                    f"{mode} step {r['step']} ({r['elapsed_s']:.0f} s): FID {m:.3f} +- {s:.3f} grid {grid}",
-                    flush=True,
+                    f"{mode} step {rep['step']} ({rep['elapsed_s']:.0f} s): FID {m:.3f} +- {s:.3f} grid {grid}"
                 )
             curves[mode] = pts
     total = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bm, bs = baselines[best_name]
+    ev.write_evaluation(all_rows, out.with_suffix(".parquet"))
+    N = evaluator.num_samples
+    seeds = list(exp.eval.final_seeds)
+    ft = exp.finetune
     lines = [
         f"# FID vs fine-tuning wall time at T={args.T}",
         "",
-        f"`python benchmarks/quality_vs_time.py {args.experiment}"
-        + "".join(f" --set {s}" for s in args.set)
-        + f"` ({platform.machine()}, {torch.get_num_threads()} torch thread(s), {total / 60:.1f} min in all).",
+        f"`python benchmarks/quality_vs_time.py {args.experiment} --T {args.T} --steps {args.steps} "
+        f"--eval-every {args.eval_every}" + "".join(f" --set {s}" for s in args.set) + "` "
+        f"({platform.machine()}, {torch.get_num_threads()} torch thread(s), {total / 60:.1f} min in all).",
         "",
-        f"Final protocol (local minimal version): primary space `{exp.features.eval}`, reference: {ref_name}, "
-        f"{args.num_samples} samples x {len(args.seeds)} fresh seeds {args.seeds}, mean +- std over seeds; "
-        f"fine-tuned checkpoints scored on their rounded grid. Training: {exp.sampler.name}, "
-        f"batch {exp.finetune.batch_size}, lr {exp.finetune.lr}, timestep_lr {exp.finetune.timestep_lr}, "
-        f"{args.steps} steps; wall time includes the loop's own small selection evaluations (50 samples).",
+        f"Final protocol: reference {evaluator.reference_name}, N = {N} images x k = {len(seeds)} fresh seeds "
+        f"{seeds}, mean +- std (ddof=1) over the seeds; spaces {', '.join(spaces)} (first = primary). "
+        f"Training: {exp.sampler.name} from the {exp.sampler.timestep_spacing or 'leading'} grid, features "
+        f"{exp.features.train}, kernel {exp.kernel.type}, batch {ft.batch_size} (real {ft.real_batch_size}), "
+        f"lr {ft.lr}, timestep_lr {ft.timestep_lr}, {args.steps} steps. Fine-tuned checkpoints are scored on "
+        "their recorded chain (a learned grid rounded to integers).",
         "",
-        "## Training-free baselines",
+        "## Training-free baselines at this T",
         "",
-        "| sampler | spacing | FID |",
-        "|---|---|---:|",
-        *[f"| {k.split()[0]} | {k.split()[1]} | {m:.3f} +- {s:.3f} |" for k, (m, s) in baselines.items()],
+        "| sampler | spacing | " + " | ".join(f"FID {sp}" for sp in spaces) + " |",
+        "|---|---|" + "---:|" * len(spaces),
+    ]
+    for k, sc in sorted(baselines.items(), key=lambda kv: kv[1][spaces[0]][0]):
+        lines.append(
+            f"| {k.split()[0]} | {k.split()[1]} | "
+            + " | ".join(f"{sc[sp][0]:.3f} +- {sc[sp][1]:.3f}" for sp in spaces)
+            + " |"
+        )
+    lines += [
         "",
-        f"Best: **{best_name}**, {bm:.3f} +- {bs:.3f}.",
+        *[
+            f"Best in {sp}: **{best[sp]}**, {baselines[best[sp]][sp][0]:.3f} +- {baselines[best[sp]][sp][1]:.3f}."
+            for sp in spaces
+        ],
+    ]
+    lines += [
         "",
-        "## Fine-tuning",
+        "## Fine-tuning (step 0 = the training-free chain it starts from)",
         "",
-        "| train | step | wall time (s) | FID | rounded grid |",
-        "|---|---:|---:|---:|---|",
+        "| train | step | wall time (s) | " + " | ".join(f"FID {sp}" for sp in spaces) + " | rounded grid |",
+        "|---|---:|---:|" + "---:|" * len(spaces) + "---|",
     ]
     for mode, pts in curves.items():
-        for step, el, m, s, grid in pts:
-            lines.append(f"| {mode} | {step} | {el:.0f} | {m:.3f} +- {s:.3f} | {grid} |")
-    (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+        for step, el, scores, grid in pts:
+            cells = " | ".join(
+                f"{scores[sp][0]:.3f} +- {scores[sp][1]:.3f}" if sp in scores else "-" for sp in spaces
+            )
+            lines.append(f"| {mode} | {step} | {el:.0f} | {cells} | {grid if grid else '(start)'} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, pts in curves.items():
-        xs = [p[1] for p in pts]
-        ax.errorbar(
-            xs, [p[2] for p in pts], yerr=[p[3] for p in pts], marker="o", capsize=3, label=f"train: {mode}"
-        )
-    ax.axhline(bm, color="k", ls="--", label=f"best training-free ({best_name})")
-    ax.axhspan(bm - bs, bm + bs, color="k", alpha=0.1)
-    ax.set_xlabel("fine-tuning wall time (s)")
-    ax.set_ylabel(f"FID ({exp.features.eval}, held-out)")
-    ax.set_title(f"T={args.T}: mean +- std over {len(args.seeds)} seeds, {args.num_samples} samples")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4), squeeze=False)
+    for ax, sp in zip(axes[0], spaces):
+        for mode, pts in curves.items():
+            got = [p for p in pts if sp in p[2]]
+            ax.errorbar(
+                [p[1] for p in got],
+                [p[2][sp][0] for p in got],
+                yerr=[p[2][sp][1] for p in got],
+                marker="o",
+                capsize=3,
+                label=f"train: {mode}",
+            )
+        bm, bs = baselines[best[sp]][sp]
+        ax.axhline(bm, color="k", ls="--", label=f"best training-free ({best[sp]})")
+        ax.axhspan(bm - bs, bm + bs, color="k", alpha=0.1)
+        ax.set_xlabel("fine-tuning wall time (s)")
+        ax.set_ylabel(f"FID in {sp} (held-out reference)")
+        ax.set_title(f"T={args.T}: mean +- std over {len(seeds)} seeds, N={N}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')} ({total:.0f} s)")
+    print(f"wrote {out.with_suffix('.md')}, .png and .parquet ({total:.0f} s)")
     return 0
 
 

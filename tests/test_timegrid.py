@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from mmdsweep.config import load_experiment
-from mmdsweep.core.sampling import NoiseSchedule, alpha_bar_at, sample, sample_continuous
+from mmdsweep.core.sampling import NoiseSchedule, alpha_bar_at, sample, sample_continuous, select_timesteps
 from mmdsweep.core.timegrid import (
     GRID_END,
     SPACINGS,
@@ -26,7 +26,6 @@ from mmdsweep.core.timegrid import (
     diffusers_scheduler_for_grid,
     legacy_spacing,
     round_grid,
-    spacing_timesteps,
 )
 
 UNet2DModel: Any = diffusers.UNet2DModel
@@ -37,6 +36,15 @@ pytestmark = [
     ),
 ]
 N = 1000
+# the initial grid of each spacing in these tests: DDIM's, except linspace, where the multistep solvers'
+# grid (T+1 points without t=0: 999, 799, ..., 200) is used
+_SAMPLER = {"linspace": "dpmpp_2m"}
+
+
+def _init_grid(T: int, n: int, spacing: str) -> list[int]:
+    return select_timesteps(T, n, spacing, _SAMPLER.get(spacing, "ddim"))
+
+
 CFG: dict[str, Any] = {
     "num_train_timesteps": N,
     "beta_schedule": "linear",
@@ -113,17 +121,17 @@ def schedule() -> NoiseSchedule:
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("T", [1, 2, 5, 10, 50])
 def test_init_equals_the_spacing(spacing: str, T: int) -> None:
-    g = TimeGrid.from_spacing(T, N, spacing)
-    ref = torch.tensor(spacing_timesteps(T, N, spacing), dtype=torch.float64)
+    g = TimeGrid.from_spacing(T, N, spacing, _SAMPLER.get(spacing, "ddim"))
+    ref = torch.tensor(_init_grid(T, N, spacing), dtype=torch.float64)
     assert float((g.grid().detach() - ref).abs().max()) <= 1e-6
     assert g.rounded() == ref.long().tolist()
 
 
 def test_spacings_golden() -> None:
-    assert spacing_timesteps(5, N, "leading") == [800, 600, 400, 200, 0]
-    assert spacing_timesteps(5, N, "trailing") == [999, 799, 599, 399, 199]
-    assert spacing_timesteps(5, N, "linspace") == [999, 799, 599, 400, 200]  # diffusers' DPM-Solver grid
-    assert spacing_timesteps(5, N, "quadratic") == [800, 450, 200, 50, 0]
+    assert _init_grid(5, N, "leading") == [800, 600, 400, 200, 0]
+    assert _init_grid(5, N, "trailing") == [999, 799, 599, 399, 199]
+    assert _init_grid(5, N, "linspace") == [999, 799, 599, 400, 200]  # diffusers' DPM-Solver grid
+    assert _init_grid(5, N, "quadratic") == [800, 450, 200, 50, 0]
     assert legacy_spacing(None, "uniform", "ddim") == "leading"
     assert legacy_spacing("trailing", "uniform", "ddim") == "trailing"
     assert legacy_spacing(None, None, "dpmpp_2m") == "linspace"
@@ -138,7 +146,7 @@ def test_spacings_match_diffusers(spacing: str) -> None:
         if spacing == "leading":
             ref = diffusers.DDIMScheduler(timestep_spacing="leading", steps_offset=0)
             ref.set_timesteps(T)
-        assert spacing_timesteps(T, N, spacing) == ref.timesteps.tolist()
+        assert _init_grid(T, N, spacing) == ref.timesteps.tolist()
 
 
 @settings(max_examples=200, deadline=None)
@@ -152,11 +160,11 @@ def test_spacings_match_diffusers(spacing: str) -> None:
 )
 def test_grid_is_monotone_for_any_logits(logits: Any, spacing: str) -> None:
     T = len(logits)
-    g = TimeGrid.from_spacing(T, N, spacing)
+    g = TimeGrid.from_spacing(T, N, spacing, _SAMPLER.get(spacing, "ddim"))
     with torch.no_grad():
         g.logits.copy_(torch.from_numpy(logits))
     t = g.grid().detach()
-    assert float(t[0]) == spacing_timesteps(T, N, spacing)[0]  # the first noise level is fixed
+    assert float(t[0]) == _init_grid(T, N, spacing)[0]  # the first noise level is fixed
     assert bool((t[1:] < t[:-1]).all()) or T == 1
     assert float(t[-1]) > GRID_END
     r = g.rounded()
@@ -218,7 +226,7 @@ def test_continuous_chain_on_an_integer_grid_equals_the_discrete_chain(
 
 
 def _perturbed_grid(T: int, spacing: str, seed: int) -> TimeGrid:
-    g = TimeGrid.from_spacing(T, N, spacing)
+    g = TimeGrid.from_spacing(T, N, spacing, _SAMPLER.get(spacing, "ddim"))
     with torch.no_grad():
         g.logits.add_(
             0.3 * torch.randn(T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -271,7 +279,7 @@ def test_diffusers_with_the_exported_scheduler_reproduces_the_chain(
     sigmas). Our side runs on our own float64 schedule from the same config (no reference-alpha trick)."""
     g = _perturbed_grid(5, "linspace", seed=2)
     ints = g.rounded()
-    assert ints != spacing_timesteps(5, N, "linspace")
+    assert ints != _init_grid(5, N, "linspace")
     den = functools.partial(_eps_like, unet)
     sched = diffusers_scheduler_for_grid(ints, sampler, CFG)
     assert sched.timesteps.tolist() == ints and sched.config.solver_order == (1 if sampler == "ddim" else 2)
@@ -322,7 +330,7 @@ def test_training_the_grid(tiny_yaml: Path, tmp_path: Path, mode: str) -> None:
     assert summary.status == "completed"
     ckpt = _last_checkpoint(run_dir)
     state = json.loads((ckpt / "state.json").read_text())
-    init = spacing_timesteps(3, N, "linspace")
+    init = _init_grid(3, N, "linspace")
     assert state["train"] == mode and state["timesteps"] == 3
     grid, grid_int = state["timestep_grid"], state["timestep_grid_int"]
     assert grid[0] == init[0] and max(abs(a - b) for a, b in zip(grid, init)) > 1e-3  # the grid moved

@@ -35,7 +35,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,7 +49,6 @@ __all__ = [
     "diffusers_scheduler_for_grid",
     "legacy_spacing",
     "round_grid",
-    "spacing_timesteps",
 ]
 
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "quadratic")
@@ -61,33 +59,6 @@ GRID_END = -1.0
 """The clean end of the chain on the timestep axis (``t_prev < 0`` in :mod:`mmdsweep.core.sampling`)."""
 
 SOLVER_ORDER = {"ddim": 1, "dpmpp_2m": 2, "dpmpp_3m": 3}
-
-
-def spacing_timesteps(T: int, num_train_timesteps: int, spacing: str) -> list[int]:
-    """Descending integer grid of T steps with the field's spacing names (diffusers' definitions,
-    "Common Diffusion Noise Schedules and Sample Steps are Flawed", Lin et al. 2024, Table 2):
-
-    * ``leading``: :math:`i \\lfloor N/T \\rfloor` (DDIM's default, steps_offset 0): T=5 -> 800 ... 0;
-    * ``trailing``: ``round(arange(N, 0, -N/T)) - 1``: T=5 -> 999, 799, 599, 399, 199;
-    * ``linspace``: ``round(linspace(0, N-1, T+1))[::-1][:-1]`` (DPM-Solver's default): 999, 799, 599, 400, 200;
-    * ``quadratic``: DDIM Appendix D.2 (:func:`mmdsweep.core.sampling.select_timesteps`).
-    """
-    n = num_train_timesteps
-    if not 1 <= T <= n:
-        raise ValueError(f"T={T}: expected 1 <= T <= num_train_timesteps={n}")
-    if spacing == "leading":
-        return select_timesteps(T, n, "uniform")
-    if spacing == "quadratic":
-        return select_timesteps(T, n, "quadratic")
-    if spacing == "trailing":
-        grid = (np.round(np.arange(n, 0, -n / T)) - 1).astype(np.int64).tolist()
-    elif spacing == "linspace":
-        grid = np.linspace(0, n - 1, T + 1).round()[::-1][:-1].astype(np.int64).tolist()
-    else:
-        raise ValueError(f"spacing={spacing!r}: expected one of {SPACINGS}")
-    if len(grid) != T or any(b >= a for a, b in zip(grid, grid[1:])):
-        raise ValueError(f"spacing={spacing!r} with T={T}, N={n} does not give T distinct timesteps: {grid}")
-    return [int(t) for t in grid]
 
 
 def legacy_spacing(timestep_spacing: str | None, spacing: str | None, sampler: str) -> str:
@@ -128,9 +99,10 @@ class TimeGrid(torch.nn.Module):
         self.logits = torch.nn.Parameter(((share - GRID_FLOOR) / (1.0 - T * GRID_FLOOR)).log())
 
     @classmethod
-    def from_spacing(cls, T: int, num_train_timesteps: int, spacing: str) -> TimeGrid:
-        """A grid initialised exactly at :func:`spacing_timesteps` ``(T, N, spacing)``."""
-        return cls(spacing_timesteps(T, num_train_timesteps, spacing), num_train_timesteps)
+    def from_spacing(cls, T: int, num_train_timesteps: int, spacing: str, sampler: str = "ddim") -> TimeGrid:
+        """A grid initialised exactly at the chain's integer grid,
+        :func:`mmdsweep.core.sampling.select_timesteps` ``(T, N, spacing, sampler)``."""
+        return cls(select_timesteps(T, num_train_timesteps, spacing, sampler), num_train_timesteps)
 
     @property
     def T(self) -> int:  # noqa: N802 - the field's name for the number of steps
