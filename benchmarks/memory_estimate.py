@@ -7,9 +7,9 @@
    (gradients + UNet activations + feature activations + chain state).
 2. CPU: the rows of ``benchmarks/results/microbatch_memory*.json`` (peak RSS, fresh processes).
 3. ``experiments/lsun.yaml`` per worker on g5.12xlarge (A10G 24 GB) and p4d.24xlarge (A100 40 GB):
-   the estimate, and a measured peak for the same architecture at 64x64 on CPU (T=2, with per-step
-   checkpointing the peak does not depend on T), scaled: activations x (256/64)^2 (convolution
-   activations are proportional to the pixel count), weights/optimizer unscaled.
+   the estimate, beside the peak measured for the same architecture at the real 256x256 on the CPU
+   (``benchmarks/microbatch_memory.py --arch church256``; T=2: with per-step checkpointing the peak
+   does not depend on T).
 
     python benchmarks/memory_estimate.py [--out benchmarks/results/memory_estimate.md]
 """
@@ -85,12 +85,34 @@ def main() -> int:
     out += ["", "## 3. experiments/lsun.yaml per worker (batch 4 per GPU, T=10, Inception features, EMA)", ""]
     lsun = load_experiment(ROOT / "experiments" / "lsun.yaml")
     church = KNOWN_UNET_CONFIGS["google/ddpm-ema-church-256"]
-    measured_church = None
-    cf = RES / "microbatch_memory_church64.json"
-    if cf.is_file():
-        measured_church = {(r["micro"], r.get("adapter", "none")): r for r in json.loads(cf.read_text())}
+    p_fp32 = probe_unet(church, "fp32", None)
+    # measured at the real resolution (256x256) on CPU: benchmarks/microbatch_memory.py --arch church256
+    measured: dict[Any, dict[str, Any]] = {}
+    mf = RES / "microbatch_memory_church256.json"
+    if mf.is_file():
+        measured = {r["micro"]: r for r in json.loads(mf.read_text())}
+        out += [
+            "Measured: one MMD-DDM step of the google/ddpm-ema-church-256 architecture (113.7M parameters, random "
+            "weights) at 256x256 on the CPU, batch 4, T=2, per-step checkpointing, Inception-V3 features at "
+            "299x299, fp32 (`benchmarks/microbatch_memory.py --arch church256 --steps 1`, peak RSS in a fresh "
+            "process minus the RSS before the step, glibc's large buffers mmap'd so freed memory is returned). "
+            "With per-step checkpointing the peak does not depend on T beyond the chain state (T+3 images per "
+            "image in the batch, < 4 MiB here), so the T=2 measurement stands for lsun.yaml's T=10.",
+            "",
+            "| configuration | estimate: steps part MiB (T=2) | measured MiB | estimate / measured |",
+            "|---|---|---|---|",
+        ]
+        for micro, label in ((None, "batch 4 (as in lsun.yaml)"), (1, "batch 4, micro_batch_size 1")):
+            if micro not in measured:
+                continue
+            exp = lsun.with_overrides({"sampler.timesteps": 2, "finetune.micro_batch_size": micro})
+            est = estimate(exp, config=church, probe=p_fp32)
+            assert est is not None
+            m = measured[micro]["peak_mib"]
+            out.append(f"| {label} | {est.steps_part:.0f} | {m:.0f} | {est.steps_part / m:.2f} |")
+        out.append("")
     out += [
-        "| configuration | GPU | estimate GiB (peak incl. context) | fits | measured at 64x64 on CPU, scaled to 256 GiB |",
+        "| configuration | GPU | estimate GiB (peak incl. context) | fits | measured-based GiB |",
         "|---|---|---|---|---|",
     ]
     variants: list[tuple[str, dict[str, Any]]] = [
@@ -105,7 +127,6 @@ def main() -> int:
             {"finetune.batch_size": 32, "finetune.micro_batch_size": 4, "finetune.precision": "bf16"},
         ),
     ]
-    p_fp32 = probe_unet(church, "fp32", None)
     p_cache: dict[tuple[str, bool], Any] = {("fp32", False): p_fp32}
     for label, ov in variants:
         exp = lsun.with_overrides(ov)
@@ -115,29 +136,27 @@ def main() -> int:
         for gpu in ("A10G", "A100-40GB"):
             est = estimate(exp, config=church, probe=p_cache[key], gpu_type=gpu)
             assert est is not None
-            scaled = ""
-            mkey = (exp.finetune.micro_batch_size, exp.finetune.adapter)
-            if (
-                measured_church
-                and ov.get("sampler.checkpointing", True) is not False
-                and mkey in measured_church
-                and exp.finetune.batch_size == 4
-                and exp.finetune.precision == "fp32"
-            ):
-                r = measured_church[mkey]
-                # steps part measured at 64x64 (activations ~ pixels) scaled x16; resident part from the estimate
-                resident = est.weights + est.optimizer + est.ema + est.feature_network
-                scaled = f"{(resident + r['peak_mib'] * (256 / 64) ** 2) / 1024:.1f}"
+            based = ""
+            m = (
+                measured.get(exp.finetune.micro_batch_size)
+                if not ov or set(ov) == {"finetune.micro_batch_size"}
+                else None
+            )
+            if m is not None:
+                # resident weights/optimizer/EMA/feature network from the estimate + the measured steps part,
+                # with the same fragmentation/context allowance the estimate adds
+                ratio = est.total / est.allocated
+                based = f"{(est.allocated - est.steps_part + m['peak_mib']) * ratio / 1024:.1f}"
             out.append(
                 f"| {label} | {gpu} ({GPU_MEMORY_MIB[gpu] / 1024:.0f} GiB) | {est.total / 1024:.1f} | "
-                f"{'yes' if est.fits() else 'NO'} | {scaled or '-'} |"
+                f"{'yes' if est.fits() else 'NO'} | {based or '-'} |"
             )
     out.append("")
     out.append(
-        "Scaling of the measured column: the CPU peak of one step (process peak RSS minus RSS before, at 64x64, "
-        "T=2, batch 4, Inception features at 299x299 which do not change with the UNet's resolution) is "
-        "multiplied by 16 = (256/64)^2, which over-states the feature network's part; the resident weights, "
-        "optimizer state and EMA are added from the estimate. No GPU in this session: no CUDA measurement at 256."
+        "Measured-based column: the estimate's resident part (weights, Adam state, EMA, feature network) plus the "
+        "step's peak measured on the CPU at 256x256, times the estimate's own allowance for fragmentation and the "
+        "CUDA context. A CPU peak is not a CUDA peak (no caching allocator, no cuDNN workspaces); on a GPU run "
+        "`benchmarks/gpu_check.py` to measure it (not run: no GPU was lent to this session)."
     )
     Path(args.out).write_text("\n".join(out) + "\n")
     print("\n".join(out))

@@ -8,7 +8,7 @@ allocation before the steps. Beside it, the estimate of :mod:`mmdsweep.train.mem
 configuration (its ``steps_part``: gradients + activations + chain state, what the measurement sees
 above the resident weights and optimizer state).
 
-    python benchmarks/microbatch_memory.py [--arch default|church64] [--out benchmarks/results/microbatch_memory.md]
+    python benchmarks/microbatch_memory.py [--arch default|church64|church256|cifar10] [--out benchmarks/results/microbatch_memory.md]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def build(arch: str, row: dict[str, Any], device: Any) -> tuple[Any, Any]:
     if arch == "default":
         res, ch, T, feats = 16, 1, 5, "classifier"
         unet = build_unet(res, ch, (32, 64, 64))
-    elif arch == "church64":  # google/ddpm-ema-church-256's architecture at 64x64
-        res, ch, T, feats = 64, 3, 2, "inception"
+    elif arch in ("church64", "church256"):  # google/ddpm-ema-church-256's architecture at 64x64 / full size
+        res, ch, T, feats = (64 if arch == "church64" else 256), 3, 2, "inception"
         cfg = {**KNOWN_UNET_CONFIGS["google/ddpm-ema-church-256"], "sample_size": res}
         unet = UNet2DModel.from_config(cfg)
     elif arch == "cifar10":  # google/ddpm-cifar10-32's architecture (35.7M), mobilenet_v2 features at 32x32
@@ -250,7 +250,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="default", choices=["default", "church64", "cifar10", "tiny"])
+    ap.add_argument("--arch", default="default", choices=["default", "church64", "church256", "cifar10", "tiny"])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true", help="three tiny rows (tests)")
@@ -260,7 +260,7 @@ def main() -> int:
     if args._one:
         print("ROW " + json.dumps(measure(args.arch, json.loads(args._one), args.steps, args.device)))
         return 0
-    rows = SMOKE_ROWS if args.smoke else CHURCH_ROWS if args.arch == "church64" else DEFAULT_ROWS
+    rows = SMOKE_ROWS if args.smoke else CHURCH_ROWS if args.arch.startswith("church") else DEFAULT_ROWS
     arch = "tiny" if args.smoke else args.arch
     got = run_rows(arch, rows, args.steps, args.device)
     head = (

@@ -124,6 +124,18 @@ def test_checkpoint_holds_only_the_adapter_and_resumes_and_exports(tmp_path: Pat
     torch.testing.assert_close(_out(loaded), expected, rtol=1e-5, atol=1e-5)
     assert not any("lora" in k for k in loaded.state_dict())
 
+    # sampling, `mmdsweep.evaluate` and the sweep's final protocol load models through one loader: it merges
+    # the adapter too, so a LoRA checkpoint samples the fine-tuned chain (not the base model) everywhere
+    from mmdsweep.inference.generate import generate_images, load_model
+
+    torch.testing.assert_close(_out(load_model(str(ckpt)).unet), expected, rtol=1e-5, atol=1e-5)
+    from_ckpt = generate_images(str(ckpt), 2, num=3, seed=7, batch_size=3)
+    from_export = generate_images(str(out), 2, num=3, seed=7, batch_size=3)
+    from_base = generate_images(str(base_dir), 2, num=3, seed=7, batch_size=3)
+    assert from_ckpt is not None and from_export is not None and from_base is not None
+    torch.testing.assert_close(from_ckpt, from_export, rtol=0, atol=1e-5)
+    assert float((from_ckpt - from_base).abs().max()) > 1e-3
+
 
 def test_full_weight_checkpoints_are_not_touched(tmp_path: Path) -> None:
     assert merge_adapter_if_any(tmp_path) is None

@@ -157,12 +157,17 @@ def generate(
 
 
 def load_model(model: str | os.PathLike[str] | Denoiser) -> Denoiser:
-    """A :class:`~mmdsweep.assets.models.Denoiser` from a directory (or the object itself)."""
+    """A :class:`~mmdsweep.assets.models.Denoiser` from a directory (or the object itself).
+
+    A LoRA checkpoint (``adapter/`` + ``state.json`` naming its base model) is loaded with the adapter merged
+    into the base weights (:func:`mmdsweep.assets.adapters.merge_adapter_if_any`), so sampling, evaluation
+    and the final protocol see the fine-tuned chain, as the export does."""
+    from mmdsweep.assets.adapters import merge_adapter_if_any
     from mmdsweep.assets.models import Denoiser, load_denoiser
 
     if isinstance(model, Denoiser):
         return model
-    return load_denoiser(str(model))
+    return merge_adapter_if_any(model) or load_denoiser(str(model))
 
 
 class SamplingModel(NamedTuple):
