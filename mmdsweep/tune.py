@@ -660,15 +660,15 @@ def final_evaluation(
     spaces = list(dict.fromkeys(comparison["space"]))
     table: list[dict[str, Any]] = []
     for _, r in comparison.iterrows():
-        c = by_trial.get(str(r["trial_id"]))
-        if c is None:
+        cand = by_trial.get(str(r["trial_id"]))
+        if cand is None:
             continue
         entry: dict[str, Any] = {
-            "T": c.timesteps,
-            "train": c.train,
-            "exported": c.exported,
-            "trial_id": c.trial_id,
-            "selection_fid": c.selection_fid,
+            "T": cand.timesteps,
+            "train": cand.train,
+            "exported": cand.exported,
+            "trial_id": cand.trial_id,
+            "selection_fid": cand.selection_fid,
             "fid_mean": float(r["fid_mean"]),
             "fid_std": float(r["fid_std"]),
             "k": int(r["k"]),
