@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,7 @@ def _sweep_meta(
         "sampler": exp.sampler.name,
         "spacing": exp.sampler.timestep_spacing,
         "objectives": list(exp.search.objectives),
+        "eval_space": exp.features.eval,
         "optuna_storage": exp.search.storage,
         "study_name": exp.output.name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -507,14 +509,64 @@ def _baseline(grid: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+TRAIN_PARAM = "param.finetune.train"
+"""The trials column of the searched ``finetune.train`` mode (absent when it is not searched)."""
+
+
+@dataclass(frozen=True)
+class FinalCandidate:
+    """A trial scored under the final protocol after the sweep: the best one of its (T, ``finetune.train``
+    mode); ``exported`` when it is also the best of its T (the exported model)."""
+
+    timesteps: int
+    train: str
+    trial_id: str
+    selection_fid: float
+    checkpoint: str  # best_checkpoint of trials.parquet (a local path or a URI) or, once fetched, a local dir
+    exported: bool
+
+
+def final_candidates(trials: Any, default_mode: str) -> list[FinalCandidate]:
+    """The lowest-``best_fid`` trial with a checkpoint per (T, ``finetune.train`` mode), sorted by T then mode.
+
+    The mode is the trial's ``param.finetune.train`` when that parameter is searched, else ``default_mode``
+    (the experiment's ``finetune.train``). ``exported`` marks the best trial of each T over all modes, the
+    one :func:`finalize` exports.
+    """
+    ok = trials[trials["best_checkpoint"].notna() & trials["best_fid"].notna()].copy()
+    if ok.empty:
+        return []
+    ok["_mode"] = ok[TRAIN_PARAM].fillna(default_mode).astype(str) if TRAIN_PARAM in ok else default_mode
+    ok = ok.sort_values("best_fid", kind="stable")
+    best_t = set(ok.groupby("timesteps").head(1)["trial_id"])
+    out = []
+    for (T, mode), group in ok.groupby(["timesteps", "_mode"], sort=True):
+        r = group.iloc[0]
+        out.append(
+            FinalCandidate(
+                timesteps=int(T),
+                train=str(mode),
+                trial_id=str(r["trial_id"]),
+                selection_fid=float(r["best_fid"]),
+                checkpoint=str(r["best_checkpoint"]),
+                exported=r["trial_id"] in best_t,
+            )
+        )
+    return out
+
+
 def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Export the best checkpoint per T (or say why not), score it and every training-free baseline under the
-    final protocol (fresh seeds, held-out reference; ``evaluation.parquet``), and measure sampling speed."""
+    """Export the best checkpoint per T (or say why not), score it, the best trial of every other searched
+    ``finetune.train`` mode at that T and every training-free baseline under the final protocol (fresh seeds,
+    held-out reference; ``evaluation.parquet``), and measure sampling speed."""
+    import dataclasses
+
     from mmdsweep.inference.export import export_pipeline
     from mmdsweep.results import read_trials
     from mmdsweep.results.layout import SweepLayout
     from mmdsweep.train import protocol as ev
 
+    layout = SweepLayout(sdir)
     trials = read_trials(sdir)
     exports: dict[str, str] = {}
     refused: dict[str, str] = {}
@@ -522,7 +574,7 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
     ok = trials[trials["best_checkpoint"].notna() & trials["best_fid"].notna()]
     for T, group in ok.groupby("timesteps"):
         best = group.sort_values("best_fid").iloc[0]
-        ckpt = _fetch_checkpoint(str(best["best_checkpoint"]), SweepLayout(sdir).checkpoint(int(T)))
+        ckpt = _fetch_checkpoint(str(best["best_checkpoint"]), layout.checkpoint(int(T)))
         if ckpt is None or not (ckpt / "unet").is_dir():
             print(
                 f"warning: best checkpoint for T={T} is not readable ({best['best_checkpoint']})",
@@ -530,7 +582,7 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
             )
             continue
         best_ckpts[int(T)] = (ckpt, str(best["trial_id"]), float(best["best_fid"]))
-        out = SweepLayout(sdir).exported(int(T))
+        out = layout.exported(int(T))
         try:
             export_pipeline(ckpt, out, timesteps=int(T))
             exports[str(int(T))] = str(out.relative_to(sdir))
@@ -539,7 +591,23 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
             print(f"warning: T={int(T)} not exported: {e}", file=sys.stderr)
     result: dict[str, Any] = {"exports": exports, "export_refused": refused}
     _write_meta(sdir, {**meta, **result})
-    result["final"] = final_evaluation(exp, sdir, meta, best_ckpts, ev)
+    # the exported model per T, and beside it the best trial of each other finetune.train mode at that T
+    candidates: list[FinalCandidate] = []
+    for c in final_candidates(trials, exp.finetune.train):
+        if c.exported:
+            if c.timesteps in best_ckpts:  # fetched above (an unreadable one was reported there)
+                candidates.append(dataclasses.replace(c, checkpoint=str(best_ckpts[c.timesteps][0])))
+            continue
+        ckpt = _fetch_checkpoint(c.checkpoint, layout.candidate_checkpoint(c.timesteps, c.train))
+        if ckpt is None or not (ckpt / "unet").is_dir():
+            print(
+                f"warning: best checkpoint for T={c.timesteps}, finetune.train={c.train} is not readable "
+                f"({c.checkpoint}); not final-scored",
+                file=sys.stderr,
+            )
+            continue
+        candidates.append(dataclasses.replace(c, checkpoint=str(ckpt)))
+    result["final"] = final_evaluation(exp, sdir, meta, candidates, ev)
     _write_meta(sdir, {**meta, **result})
     from mmdsweep.inference import speed
 
@@ -556,92 +624,121 @@ def finalize(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> dict[str, Any
 
 
 def final_evaluation(
-    exp: Experiment, sdir: Path, meta: dict[str, Any], best_ckpts: dict[int, tuple[Path, str, float]], ev: Any
+    exp: Experiment, sdir: Path, meta: dict[str, Any], candidates: list[FinalCandidate], ev: Any
 ) -> list[dict[str, Any]]:
-    """Final-protocol rows of each T's best checkpoint and of every baseline at that T -> ``evaluation.parquet``;
-    returns the per-T comparison (selection FID, final FID +- std, best baseline, beyond 2 std?)."""
+    """Final-protocol rows of each candidate (local checkpoint directories) and of every baseline at their
+    T -> ``evaluation.parquet``; returns the comparison (:func:`mmdsweep.results.evaluation.final_comparison`)
+    as ``sweep.json``'s ``final`` entries: one per (space, T, mode), the primary space first.
+
+    Each entry: ``T``, ``train`` (the ``finetune.train`` mode), ``exported``, ``trial_id``, ``selection_fid``,
+    ``fid_mean``/``fid_std`` (final protocol), ``k``, ``num_samples``, ``reference``, ``space``, ``primary``,
+    ``warnings`` and, with baselines, ``best_baseline``, ``baseline_fid_mean``/``baseline_fid_std``, ``gain``,
+    ``diff_std``, ``beyond_2std``."""
+    import pandas as pd
+
     from mmdsweep.inference.generate import prepare_model
+    from mmdsweep.results.evaluation import final_comparison
+    from mmdsweep.results.layout import SweepLayout
     from mmdsweep.utils import resolve_device
 
-    if not best_ckpts:
+    if not candidates:
         return []
     device = resolve_device(exp.finetune.device)
-    base_dir = meta.get("base_model_dir") or str(next(iter(best_ckpts.values()))[0])
+    base_dir = meta.get("base_model_dir") or str(candidates[0].checkpoint)
     den, _, _, _ = prepare_model(base_dir, device)
     evaluator = ev.build_final_evaluator(exp, den.channels, device)
     rows: list[dict[str, Any]] = []
-    for _T, (ckpt, trial_id, _) in sorted(best_ckpts.items()):
-        rows += ev.final_rows_for_model(exp, ckpt, evaluator, trial_id=trial_id, device=device)
+    for c in candidates:
+        rows += ev.final_rows_for_model(
+            exp, Path(c.checkpoint), evaluator, trial_id=c.trial_id, device=device
+        )
     if exp.eval.baselines:
-        rows += ev.baseline_rows(exp, base_dir, best_ckpts, evaluator)
-    ev.write_evaluation(rows, sdir / ev.EVALUATION_FILE, append=False)
-    summary = ev.summarize(rows)
-    primary = exp.features.eval
-    best_base = ev.best_baselines(summary, primary)
+        rows += ev.baseline_rows(exp, base_dir, sorted({c.timesteps for c in candidates}), evaluator)
+    ev.write_evaluation(rows, SweepLayout(sdir).evaluation, append=False)
+    comparison = final_comparison(rows, exp.features.eval)
+    by_trial = {c.trial_id: c for c in candidates}
+    spaces = list(dict.fromkeys(comparison["space"]))
     table: list[dict[str, Any]] = []
-    for T, (_, trial_id, sel_fid) in sorted(best_ckpts.items()):
-        m = summary[
-            (summary["kind"] == "model") & (summary["timesteps"] == T) & (summary["space"] == primary)
-        ]
-        if m.empty:
+    for _, r in comparison.iterrows():
+        cand = by_trial.get(str(r["trial_id"]))
+        if cand is None:
             continue
-        mr = m.iloc[0]
         entry: dict[str, Any] = {
-            "T": T,
-            "trial_id": trial_id,
-            "selection_fid": sel_fid,
-            "fid_mean": float(mr["fid_mean"]),
-            "fid_std": float(mr["fid_std"]),
-            "k": int(mr["k"]),
-            "num_samples": int(mr["num_samples"]),
-            "reference": str(mr["reference"]),
-            "space": primary,
-            "warnings": str(mr["warnings"]),
+            "T": cand.timesteps,
+            "train": cand.train,
+            "exported": cand.exported,
+            "trial_id": cand.trial_id,
+            "selection_fid": cand.selection_fid,
+            "fid_mean": float(r["fid_mean"]),
+            "fid_std": float(r["fid_std"]),
+            "k": int(r["k"]),
+            "num_samples": int(r["num_samples"]),
+            "reference": str(r["reference"]),
+            "space": str(r["space"]),
+            "primary": bool(r["primary"]),
+            "warnings": str(r["warnings"]),
         }
-        b = best_base[best_base["timesteps"] == T] if len(best_base) else best_base
-        if len(b):
-            br = b.iloc[0]
+        if pd.notna(r["best_baseline"]):
             entry.update(
-                best_baseline=f"{br['sampler']}/{br['spacing']}",
-                baseline_fid_mean=float(br["fid_mean"]),
-                baseline_fid_std=float(br["fid_std"]),
-                **ev.gain_vs_best_baseline(
-                    entry["fid_mean"], entry["fid_std"], float(br["fid_mean"]), float(br["fid_std"])
-                ),
+                best_baseline=str(r["best_baseline"]),
+                baseline_fid_mean=float(r["baseline_fid_mean"]),
+                baseline_fid_std=float(r["baseline_fid_std"]),
+                gain=float(r["gain"]),
+                diff_std=float(r["diff_std"]),
+                beyond_2std=bool(r["beyond_2std"]),
             )
         table.append(entry)
+    table.sort(key=lambda e: (spaces.index(e["space"]), e["T"], not e["exported"], e["train"]))
     return table
 
 
+def _verdict(e: dict[str, Any]) -> str:
+    if "best_baseline" not in e:
+        return "(no baselines: eval.baselines false)"
+    if not e["beyond_2std"]:
+        return f"within 2 std: noise (gain {e['gain']:+.3f})"
+    return f"{'better' if e['gain'] > 0 else 'worse'} by {abs(e['gain']):.3f} (> 2 std)"
+
+
 def format_final_table(final: list[dict[str, Any]]) -> str:
-    """The sweep's final table: per T the selection FID, the final FID +- std of the fine-tuned model and of the
-    best training-free baseline, and whether the difference exceeds 2 std."""
+    """The sweep's final table, per evaluation space (in the order of ``final``: the primary space first):
+    per (T, ``finetune.train`` mode) candidate the selection FID, the final FID +- std of the fine-tuned model
+    and of the best training-free baseline at that T, and whether the difference exceeds 2 std; then the
+    protocol (k seeds x N, reference) and the metric warnings of that space. ``*`` marks the exported model."""
     if not final:
         return "(no final evaluation)"
-    lines = [
-        f"{'T':>4}  {'selection FID':>13}  {'final FID (tuned)':>18}  {'best baseline':<22} {'final FID (baseline)':>20}"
-        "  verdict"
-    ]
-    for e in final:
-        tuned = f"{e['fid_mean']:.3f} +- {e['fid_std']:.3f}"
-        if "best_baseline" in e:
-            base = f"{e['baseline_fid_mean']:.3f} +- {e['baseline_fid_std']:.3f}"
-            better = "better" if e["gain"] > 0 else "worse"
-            verdict = f"{better} by {abs(e['gain']):.3f} ({'> 2 std' if e['beyond_2std'] else 'within 2 std: noise'})"
-            name = e["best_baseline"]
-        else:
-            base, verdict, name = "-", "(no baselines: eval.baselines false)", "-"
+    spaces = list(dict.fromkeys(str(e.get("space", "")) for e in final))
+    lines: list[str] = []
+    for space in spaces:
+        entries = [e for e in final if str(e.get("space", "")) == space]
+        primary = bool(entries[0].get("primary", space == spaces[0]))
+        if lines:
+            lines.append("")
+        lines.append(f"space {space}" + (" (primary: the evaluation space of the sweep)" if primary else ""))
         lines.append(
-            f"{e['T']:>4}  {e['selection_fid']:>13.3f}  {tuned:>18}  {name:<22} {base:>20}  {verdict}"
+            f"{'T':>4}  {'train':<10} {'selection FID':>13}  {'final FID (tuned)':>18}  {'best baseline':<22} "
+            f"{'final FID (baseline)':>20}  verdict"
         )
-    e0 = final[0]
-    lines.append(
-        f"final protocol: {e0['k']} fresh noise seeds x N={e0['num_samples']}, reference {e0['reference']}, "
-        f"space {e0['space']}; mean +- std (ddof=1) over seeds"
-    )
-    warns = sorted({w for e in final for w in e.get("warnings", "").split("; ") if w})
-    for w in warns:
-        lines.append(f"metric warning: {w}")
+        for e in entries:
+            tuned = f"{e['fid_mean']:.3f} +- {e['fid_std']:.3f}"
+            if "best_baseline" in e:
+                base = f"{e['baseline_fid_mean']:.3f} +- {e['baseline_fid_std']:.3f}"
+                name = str(e["best_baseline"])
+            else:
+                base, name = "-", "-"
+            mode = f"{e.get('train', '-')}{'*' if e.get('exported', True) else ''}"
+            lines.append(
+                f"{e['T']:>4}  {mode:<10} {e['selection_fid']:>13.3f}  {tuned:>18}  {name:<22} {base:>20}  "
+                f"{_verdict(e)}"
+            )
+        e0 = entries[0]
+        lines.append(
+            f"final protocol: {e0['k']} fresh noise seeds x N={e0['num_samples']}, reference {e0['reference']}, "
+            f"space {space}; mean +- std (ddof=1) over seeds; * = exported (best trial of its T)"
+        )
+        warns = sorted({w for e in entries for w in str(e.get("warnings", "")).split("; ") if w})
+        for w in warns:
+            lines.append(f"metric warning ({space}): {w}")
     return "\n".join(lines)
 
 
@@ -689,7 +786,7 @@ def print_summary(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> None:
         print("\nPareto front (timesteps vs best FID):")
         print(front.to_string(index=False) if len(front) else "(no finished trials)")
         print(
-            "\nFinal table (best trial per T vs the best training-free sampler at that T; "
+            "\nFinal table (best trial per T and finetune.train mode vs the best training-free sampler at that T; "
             "selection FID is on the validation noise/reference and is not comparable to the final columns):"
         )
         print(format_final_table(meta.get("final", [])))

@@ -4,6 +4,7 @@
 
     sweep/trials.parquet, sweep/metrics.parquet   # mmdsweep.results schema and metadata
     sweep/speed.parquet                           # mmdsweep.inference.speed.write_speed_table
+    sweep/evaluation.parquet                      # final protocol (FINAL_FIDS), unless evaluation=False
     sweep/sweep.json, sweep/experiment.yaml
     sweep/exported/T5, sweep/exported/T10         # tiny random UNets, diffusers pipeline layout
                                                   # (T10 with mmdsweep.json, as mmdsweep.inference.export writes)
@@ -60,6 +61,28 @@ EXPORTED = (5, 10)
 BASE_SPEED = {5: 0.005, 10: 0.010, 20: 0.020, 50: 0.050}
 EXPORT_SPEED = {5: 0.004, 10: 0.009}
 T0 = dt.datetime(2025, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+# evaluation.parquet (final protocol, seeds 1, 2, 3): (space, T, kind, trial or sampler/spacing) -> FIDs.
+# classifier (primary): T=5 t00 1.0 +- 0.1 vs ddim/leading 2.0 +- 0.1 (better, > 2 std);
+#                       T=10 t03 1.9 +- 0.3 vs dpmpp_2m/trailing 2.0 +- 0.1 (within noise).
+# inception:            T=5 t00 11.0 +- 1.0 vs ddim/leading 10.5 +- 0.5 (worse by 0.5, within noise);
+#                       T=10 t03 20.5 +- 0.5 vs unipc/trailing 31.0 +- 1.0 (better, > 2 std).
+FINAL_SEEDS = (1, 2, 3)
+FINAL_FIDS: dict[tuple[str, int, str, str], list[float]] = {
+    ("classifier", 5, "model", "t00"): [0.9, 1.0, 1.1],
+    ("classifier", 5, "baseline", "ddim/leading"): [2.1, 2.0, 1.9],
+    ("classifier", 5, "baseline", "unipc/trailing"): [3.0, 3.1, 3.2],
+    ("classifier", 10, "model", "t03"): [1.6, 1.9, 2.2],
+    ("classifier", 10, "baseline", "dpmpp_2m/trailing"): [1.9, 2.0, 2.1],
+    ("classifier", 10, "baseline", "ddim/leading"): [2.5, 2.6, 2.7],
+    ("inception", 5, "model", "t00"): [10.0, 11.0, 12.0],
+    ("inception", 5, "baseline", "ddim/leading"): [10.0, 10.5, 11.0],
+    ("inception", 5, "baseline", "unipc/trailing"): [12.0, 12.5, 13.0],
+    ("inception", 10, "model", "t03"): [20.0, 20.5, 21.0],
+    ("inception", 10, "baseline", "unipc/trailing"): [30.0, 31.0, 32.0],
+    ("inception", 10, "baseline", "dpmpp_2m/trailing"): [33.0, 34.0, 35.0],
+}
+FINAL_N = 64
+FINAL_REFERENCE = "digits:heldout"
 
 
 def _trial_rows(sweep_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -172,6 +195,34 @@ def write_models(root: Path, results_dir: Path) -> Path:
     return base_dir
 
 
+def evaluation_rows(base_dir: str = "models/base") -> list[dict[str, Any]]:
+    """The rows of FINAL_FIDS in evaluation.parquet's schema (one per space x chain x seed)."""
+    rows = []
+    for (space, T, kind, name), fids in FINAL_FIDS.items():
+        sampler, spacing = ("ddim", "uniform") if kind == "model" else name.split("/")
+        for seed, fid in zip(FINAL_SEEDS, fids):
+            rows.append(
+                {
+                    "kind": kind,
+                    "model": f"checkpoints/{name}" if kind == "model" else base_dir,
+                    "trial_id": name if kind == "model" else None,
+                    "sampler": sampler,
+                    "spacing": spacing,
+                    "timesteps": T,
+                    "space": space,
+                    "protocol": "final",
+                    "seed": seed,
+                    "reference": FINAL_REFERENCE,
+                    "num_samples": FINAL_N,
+                    "fid": fid,
+                    "kid": fid / 1000,
+                    "preprocessing": f"{space}: resize 16->299 bilinear",
+                    "warnings": "inception: N=64 < 2048 features: FID biased" if space == "inception" else "",
+                }
+            )
+    return rows
+
+
 def write_speed(results_dir: Path, sweep_id: str) -> None:
     rows = [
         {"model": "base", "timesteps": T, "seconds_per_image": s, "model_dir": "models/base"}
@@ -220,6 +271,7 @@ def build_sweep(
     optuna: bool = False,
     models: bool = True,
     speed: bool = True,
+    evaluation: bool = True,
 ) -> Path:
     """Write a synthetic results directory under ``root``; returns ``root / "sweep"``."""
     results_dir = root / "sweep"
@@ -228,6 +280,10 @@ def build_sweep(
     base_dir = write_models(root, results_dir) if models else root / "models" / "base"
     if speed:
         write_speed(results_dir, sweep_id)
+    if evaluation:
+        from mmdsweep.results.evaluation import write_evaluation
+
+        write_evaluation(evaluation_rows(str(base_dir)), results_dir / "evaluation.parquet", append=False)
     meta: dict[str, Any] = {
         "sweep_id": sweep_id,
         "experiment_name": EXPERIMENT,

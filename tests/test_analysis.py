@@ -17,7 +17,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
-from sweep_fixture import BASE_SPEED, BEST_PER_T, EXPORT_SPEED, TRIALS, build_sweep
+from sweep_fixture import BASE_SPEED, BEST_PER_T, EXPORT_SPEED, FINAL_FIDS, FINAL_N, TRIALS, build_sweep
 
 from mmdsweep import analysis as A
 from mmdsweep.assets.models import load_denoiser
@@ -410,3 +410,93 @@ def test_empty_sweep_just_started(tmp_path: Path) -> None:
     assert "no trials" in A.plot_pareto(s).axes[0].texts[0].get_text()
     html = report.build_report(tmp_path, samples=False).read_text()
     assert "section failed" not in html and "no rows" in html
+
+
+# --------------------------------------------------------------------------- final protocol
+
+
+def test_final_table_known_numbers(sweep: A.Sweep) -> None:
+    """evaluation.parquet of the fixture (FINAL_FIDS): means, stds, best baseline, gain, 2-std flag."""
+    assert len(sweep.evaluation) == sum(len(v) for v in FINAL_FIDS.values())
+    assert set(sweep.evaluation["sweep_id"]) == {"sweep-fixture"}
+    ft = A.final_table(sweep)
+    assert ft.columns.tolist() == A.FINAL_TABLE_COLUMNS
+    # every space, the primary (features.eval: the config default, classifier) first
+    assert list(zip(ft["space"], ft["timesteps"], ft["trial_id"])) == [
+        ("classifier", 5, "t00"),
+        ("classifier", 10, "t03"),
+        ("inception", 5, "t00"),
+        ("inception", 10, "t03"),
+    ]
+    assert ft["primary"].tolist() == [True, True, False, False]
+    assert ft["fid_mean"].tolist() == pytest.approx([1.0, 1.9, 11.0, 20.5])
+    assert ft["fid_std"].tolist() == pytest.approx([0.1, 0.3, 1.0, 0.5])
+    assert ft["best_baseline"].tolist() == [
+        "ddim/leading",
+        "dpmpp_2m/trailing",
+        "ddim/leading",
+        "unipc/trailing",
+    ]
+    assert ft["baseline_fid_mean"].tolist() == pytest.approx([2.0, 2.0, 10.5, 31.0])
+    assert ft["gain"].tolist() == pytest.approx([1.0, 0.1, -0.5, 10.5])
+    assert ft["beyond_2std"].tolist() == [True, False, False, True]
+    assert ft["verdict"].tolist() == ["better", "within noise", "within noise", "better"]
+    assert ft["selection_fid"].tolist() == [45.0, 29.0, 45.0, 29.0] and set(ft["train"]) == {"weights"}
+    assert ft["k"].tolist() == [3] * 4 and set(ft["num_samples"]) == {FINAL_N}
+    assert "FID biased" in ft["warnings"].iloc[2] and ft["warnings"].iloc[0] == ""
+    assert A.final_table(sweep, space="inception")["trial_id"].tolist() == ["t00", "t03"]
+    base = A.baselines_table(sweep)
+    assert base.columns.tolist() == A.BASELINES_COLUMNS and len(base) == 8
+    c5 = base[(base["space"] == "classifier") & (base["timesteps"] == 5)]
+    assert c5[["rank", "sampler", "spacing"]].values.tolist() == [
+        [1, "ddim", "leading"],
+        [2, "unipc", "trailing"],
+    ]
+    assert c5["fid_mean"].tolist() == pytest.approx([2.0, 3.1]) and c5["fid_std"].tolist() == pytest.approx(
+        [0.1, 0.1]
+    )
+    assert base["space"].tolist()[:4] == ["classifier"] * 4
+    assert len(A.baselines_table(sweep, space="inception")) == 4
+
+
+def test_leaderboard_and_best_per_t_carry_the_final_numbers(sweep: A.Sweep) -> None:
+    lb = A.leaderboard(sweep).set_index("trial_id")
+    assert lb.loc["t00", "final_fid_mean"] == pytest.approx(1.0) and lb.loc[
+        "t00", "final_fid_std"
+    ] == pytest.approx(0.1)
+    assert lb.loc["t03", "final_fid_mean"] == pytest.approx(1.9)
+    assert lb.drop(index=["t00", "t03"])["final_fid_mean"].isna().all()  # not final-scored
+    best = A.best_per_t(sweep).set_index("timesteps")
+    assert (
+        best.loc[5, "final_fid_mean"] == pytest.approx(1.0) and best.loc[5, "best_baseline"] == "ddim/leading"
+    )
+    assert best.loc[5, "baseline_fid_mean"] == pytest.approx(2.0) and best.loc[
+        5, "baseline_fid_std"
+    ] == pytest.approx(0.1)
+    assert best.loc[5, "gain"] == pytest.approx(1.0) and best.loc[5, "beyond_2std"] == True  # noqa: E712
+    assert best.loc[10, "gain"] == pytest.approx(0.1) and best.loc[10, "beyond_2std"] == False  # noqa: E712
+    assert math.isnan(best.loc[20, "final_fid_mean"]) and math.isnan(best.loc[20, "gain"])
+
+
+def test_sweep_without_evaluation_parquet(tmp_path: Path, results_dir: Path) -> None:
+    d = build_sweep(tmp_path / "noeval", sweep_id="no-eval", models=False, speed=False, evaluation=False)
+    s = A.load_sweep(d)
+    assert s.evaluation.empty and {"sweep_id", "kind", "fid", "space", "seed"} <= set(s.evaluation.columns)
+    assert A.final_table(s).empty and A.final_table(s).columns.tolist() == A.FINAL_TABLE_COLUMNS
+    assert A.baselines_table(s).empty
+    assert A.leaderboard(s)["final_fid_mean"].isna().all() and A.best_per_t(s)["gain"].isna().all()
+    both = A.load_sweep([results_dir, d])  # concatenated with sweep_id; the sweep without one adds nothing
+    assert set(both.evaluation["sweep_id"]) == {"sweep-fixture"}
+    assert set(A.final_table(both)["sweep_id"]) == {"sweep-fixture"}
+
+
+def test_unknown_evaluation_version_is_refused(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from mmdsweep.results.evaluation import evaluation_schema
+
+    d = build_sweep(tmp_path / "v99", sweep_id="v99", models=False, speed=False, evaluation=False)
+    schema = evaluation_schema().with_metadata({b"mmdsweep.evaluation_schema_version": b"99"})
+    pq.write_table(schema.empty_table(), d / "evaluation.parquet")
+    with pytest.raises(ValueError, match="evaluation schema version 99"):
+        A.load_sweep(d)

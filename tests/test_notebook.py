@@ -52,6 +52,11 @@ def test_notebook_runs_on_synthetic_sweep(tmp_path: Path, monkeypatch: pytest.Mo
     assert leaderboard.index("t06") < leaderboard.index("t03") < leaderboard.index("t00")
     best = _data(_outputs(nb, "best-per-t"), "text/html")
     assert all(tid in best for tid in BEST_PER_T.values())
+    final = _data(
+        _outputs(nb, "final"), "text/html"
+    )  # sweep_fixture.FINAL_FIDS: t00 better, t03 within noise
+    assert final.count("<tr") == 1 + 4  # header + (2 spaces x 2 T)
+    assert "t00" in final and "ddim/leading" in final and "better" in final and "within noise" in final
     for tag in ("pareto", "curves", "sensitivity-plot", "samples"):
         assert len(_data(_outputs(nb, tag), "image/png")) > 1000, tag
     pareto_time = _outputs(nb, "pareto-time")

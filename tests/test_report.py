@@ -35,7 +35,18 @@ CHROMIUM_FLAGS = [
     "--hide-scrollbars",
 ]
 NUM_SAMPLES = 16
-SECTIONS = ("summary", "leaderboard", "best", "pareto", "curves", "sensitivity", "samples", "speed", "config")
+SECTIONS = (
+    "summary",
+    "final",
+    "leaderboard",
+    "best",
+    "pareto",
+    "curves",
+    "sensitivity",
+    "samples",
+    "speed",
+    "config",
+)
 EXPECTED_PNGS = {
     "pareto_timesteps.png",
     "pareto_seconds.png",
@@ -151,7 +162,34 @@ def test_report_files_and_content(built: tuple[Path, str, float], results_dir: P
         "19m 05s",
     ):
         assert needle in text, needle
-    assert text.index("t06") < text.index("t03")  # leaderboard order: best FID first
+    board = text[text.index('<section id="leaderboard">') :]
+    assert board.index("t06") < board.index("t03")  # leaderboard order: best FID first
+
+
+def test_report_final_protocol_section(built: tuple[Path, str, float]) -> None:
+    """The final-protocol tables (fixture FINAL_FIDS) near the top: per space, the protocol sentence, the
+    verdicts (rows within 2 std marked), and every baseline."""
+    text = built[0].read_text()
+    assert text.index('<section id="final">') < text.index('<section id="leaderboard">')
+    final = text[text.index('<section id="final">') : text.index('<section id="leaderboard">')]
+    assert final.index("Space classifier (primary)") < final.index("Space inception")
+    assert "Training-free baselines (final protocol)" in final
+    for needle in (
+        "k = 3 fresh noise seeds × N = 64 images per seed, against the reference digits:heldout, "
+        "in feature space classifier",
+        "1.000 ± 0.100",  # t00 at T=5
+        "1.900 ± 0.300",  # t03 at T=10
+        "dpmpp_2m/trailing",
+        "31.000 ± 1.000",
+        "3.100 ± 0.100",  # a baseline that is not the best one: only in the baselines table
+        "inception: N=64 &lt; 2048 features: FID biased",
+    ):
+        assert needle in final, needle
+    classifier = final[final.index("Space classifier") : final.index("Space inception")]
+    rows = re.findall(r"<tr>(.*?)</tr>", classifier, re.S)[1:]  # header first
+    assert len(rows) == 2
+    assert ">better<" in rows[0] and "noise" not in rows[0]
+    assert ">within noise<" in rows[1] and 'class="data row1 col0 noise"' in rows[1]
 
 
 def test_report_renders_in_chromium(built: tuple[Path, str, float], tmp_path: Path) -> None:
@@ -209,10 +247,11 @@ def test_missing_trials_parquet(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_report_without_models_or_speed(tmp_path: Path) -> None:
-    d = build_sweep(tmp_path, sweep_id="bare", models=False, speed=False)
+    d = build_sweep(tmp_path, sweep_id="bare", models=False, speed=False, evaluation=False)
     out = R.build_report(d, tmp_path / "out", samples=True)
     text = out.read_text()
     assert "section failed" not in text
+    assert "The final protocol has not run for this sweep: there is no evaluation.parquet" in text
     assert "No speed.parquet" in text and "lists no exported models" in text
     assert {p.name for p in out.parent.glob("*.png")} == {
         "pareto_timesteps.png",

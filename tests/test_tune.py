@@ -215,3 +215,141 @@ def _result_lines(sdir: Path) -> list[str]:
     for f in (sdir / "ray").rglob("result.json"):
         lines += [line for line in f.read_text().splitlines() if line.strip()]
     return lines
+
+
+# ----------------------------------------------------------------------------- final table (no Ray)
+
+
+def _eval_rows(spec: dict[tuple[str, int, str, str], list[float]]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for (space, T, kind, name), fids in spec.items():
+        sampler, spacing = ("ddim", "uniform") if kind == "model" else name.split("/")
+        for seed, fid in enumerate(fids, start=1):
+            rows.append(
+                {
+                    "kind": kind,
+                    "model": f"ckpt/{name}" if kind == "model" else "base",
+                    "trial_id": name if kind == "model" else None,
+                    "sampler": sampler,
+                    "spacing": spacing,
+                    "timesteps": T,
+                    "space": space,
+                    "protocol": "final",
+                    "seed": seed,
+                    "reference": "digits:heldout",
+                    "num_samples": 16,
+                    "fid": fid,
+                    "kid": 0.0,
+                    "warnings": "N=16 is small" if space == "inception" else "",
+                }
+            )
+    return rows
+
+
+def _trials(**cols: list[object]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d", "e"],
+            "timesteps": [5, 5, 5, 10, 10],
+            "best_fid": [3.0, 2.0, 2.5, 4.0, None],
+            "best_checkpoint": ["/c/a", "/c/b", "/c/c", "/c/d", "/c/e"],
+            **cols,
+        }
+    )
+
+
+def test_final_candidates_best_per_t_and_train_mode() -> None:
+    trials = _trials(**{"param.finetune.train": ["timesteps", "weights", "both", "timesteps", "weights"]})
+    got = [
+        (c.timesteps, c.train, c.trial_id, c.selection_fid, c.exported)
+        for c in tune.final_candidates(trials, "weights")
+    ]
+    # T=5: the best trial is b (weights, exported); a and c are the best of their modes; T=10: e has no FID
+    assert got == [
+        (5, "both", "c", 2.5, False),
+        (5, "timesteps", "a", 3.0, False),
+        (5, "weights", "b", 2.0, True),
+        (10, "timesteps", "d", 4.0, True),
+    ]
+    plain = tune.final_candidates(_trials(), "weights")  # finetune.train not searched: one mode
+    assert [(c.timesteps, c.train, c.trial_id, c.exported) for c in plain] == [
+        (5, "weights", "b", True),
+        (10, "weights", "d", True),
+    ]
+
+
+def test_final_evaluation_entries_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """final_evaluation on hand-made final-protocol rows: one entry per (space, T, mode), primary first,
+    known means/stds/gains; format_final_table prints each space under its heading with the verdicts."""
+    from types import SimpleNamespace
+
+    from mmdsweep.config import from_dict
+    from mmdsweep.inference import generate
+    from mmdsweep.results.evaluation import read_evaluation, write_evaluation
+
+    spec = {
+        ("classifier", 5, "model", "b"): [0.9, 1.0, 1.1],  # 1.0 +- 0.1 vs 2.0 +- 0.1: better, > 2 std
+        ("classifier", 5, "model", "a"): [1.6, 1.9, 2.2],  # 1.9 +- 0.3: within 2 std
+        ("classifier", 5, "baseline", "ddim/leading"): [1.9, 2.0, 2.1],
+        ("classifier", 5, "baseline", "unipc/trailing"): [2.9, 3.0, 3.1],
+        ("inception", 5, "model", "b"): [12.9, 13.0, 13.1],  # worse than 10.0 +- 0.1, > 2 std
+        ("inception", 5, "model", "a"): [9.0, 9.5, 10.0],
+        ("inception", 5, "baseline", "ddim/leading"): [9.9, 10.0, 10.1],
+    }
+    rows = _eval_rows(spec)
+    ev = SimpleNamespace(
+        build_final_evaluator=lambda exp, channels, device: "evaluator",
+        final_rows_for_model=lambda exp, ckpt, evaluator, trial_id, device: [
+            r for r in rows if r["kind"] == "model" and r["trial_id"] == trial_id
+        ],
+        baseline_rows=lambda exp, base, ts, evaluator: [
+            r for r in rows if r["kind"] == "baseline" and r["timesteps"] in ts
+        ],
+        write_evaluation=write_evaluation,
+    )
+    monkeypatch.setattr(
+        generate, "prepare_model", lambda d, device: (SimpleNamespace(channels=1), None, None, None)
+    )
+    exp = from_dict(
+        {"features": {"eval": "classifier", "extra_eval": ["inception"]}, "finetune": {"device": "cpu"}}
+    )
+    cands = [
+        tune.FinalCandidate(5, "weights", "b", 20.0, str(tmp_path / "T5"), True),
+        tune.FinalCandidate(5, "timesteps", "a", 21.0, str(tmp_path / "T5-timesteps"), False),
+    ]
+    final = tune.final_evaluation(exp, tmp_path, {"base_model_dir": "base"}, cands, ev)
+    assert len(read_evaluation(tmp_path)) == len(rows)
+    assert [(e["space"], e["trial_id"], e["train"], e["exported"]) for e in final] == [
+        ("classifier", "b", "weights", True),
+        ("classifier", "a", "timesteps", False),
+        ("inception", "b", "weights", True),
+        ("inception", "a", "timesteps", False),
+    ]
+    b, a, ib, ia = final
+    assert b["fid_mean"] == pytest.approx(1.0) and b["fid_std"] == pytest.approx(0.1) and b["k"] == 3
+    assert b["best_baseline"] == "ddim/leading" and b["baseline_fid_mean"] == pytest.approx(2.0)
+    assert b["gain"] == pytest.approx(1.0) and b["beyond_2std"] and b["selection_fid"] == 20.0
+    assert a["fid_std"] == pytest.approx(0.3) and a["gain"] == pytest.approx(0.1) and not a["beyond_2std"]
+    assert ib["gain"] == pytest.approx(-3.0) and ib["beyond_2std"] and not ia["beyond_2std"]
+    keys = {"T", "trial_id", "selection_fid", "fid_mean", "fid_std", "k", "num_samples", "reference", "space"}
+    keys |= {"warnings", "best_baseline", "baseline_fid_mean", "baseline_fid_std", "gain", "diff_std"}
+    assert keys | {"beyond_2std", "train", "exported"} <= set(b)
+    text = tune.format_final_table(final)
+    lines = text.splitlines()
+    assert lines[0].startswith("space classifier (primary") and "space inception" in lines
+    proto = [i for i, ln in enumerate(lines) if ln.startswith("final protocol:")]
+    assert (
+        len(proto) == 2
+        and "space classifier" in lines[proto[0]]
+        and proto[0] < lines.index("space inception")
+    )
+    assert re.search(
+        r"^\s+5\s+weights\*\s+20\.000\s+1\.000 \+- 0\.100\s+ddim/leading\s+2\.000 \+- 0\.100\s+better by 1\.000 \(> 2 std\)$",
+        text,
+        re.M,
+    )
+    assert re.search(r"^\s+5\s+timesteps\s+21\.000\s+1\.900 \+- 0\.300 .*within 2 std: noise", text, re.M)
+    assert "worse by 3.000 (> 2 std)" in text
+    assert "final protocol: 3 fresh noise seeds x N=16, reference digits:heldout, space inception" in text
+    assert "metric warning (inception): N=16 is small" in text
+    assert tune.format_final_table([]) == "(no final evaluation)"

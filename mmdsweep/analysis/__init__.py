@@ -14,10 +14,19 @@ without ``pyplot`` (no global figure registry, no backend switch); save them wit
     A.best_per_t(sweep)
     A.pareto_front(sweep, x="seconds_per_image")
     A.plot_pareto(sweep).savefig("pareto.png")
+    A.final_table(sweep)        # final protocol: fine-tuned vs the best training-free baseline
+    A.baselines_table(sweep)
 
 A results directory holds ``trials.parquet`` and ``metrics.parquet`` (``mmdsweep.results``),
-optionally ``speed.parquet`` (``mmdsweep.results.speed``) and ``sweep.json`` (base model, exports,
-sampler, Optuna storage). See ``docs/results.md``, "Analysing results".
+optionally ``speed.parquet`` (``mmdsweep.results.speed``), ``evaluation.parquet`` (the final
+protocol after the sweep, ``mmdsweep.results.evaluation``) and ``sweep.json`` (base model,
+exports, sampler, Optuna storage). See ``docs/results.md``, "Analysing results".
+
+Two protocols: the *selection* numbers (``best_fid`` etc. of the trials: the validation noise
+and reference the sweep optimised against) pick the trials; the *final* numbers
+(``final_fid_mean`` +- ``final_fid_std``, :func:`final_table`) rescore the chosen trials and
+every training-free baseline on fresh noise seeds against a held-out reference, and are the
+ones to report. ``final_fid`` of the trials is the selection FID of the last evaluation.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -46,6 +56,13 @@ from mmdsweep.results import (
     read_metrics,
     read_trials,
     table_metadata,
+)
+from mmdsweep.results.evaluation import (
+    FINAL_COMPARISON_COLUMNS,
+    empty_evaluation,
+    final_comparison,
+    read_evaluation,
+    summarize,
 )
 from mmdsweep.results.layout import SWEEP_FILE, SweepLayout, export_name
 from mmdsweep.results.reader import model_dirs, read_sweep_meta
@@ -72,6 +89,10 @@ class Sweep:
         trials: ``trials.parquet`` rows (all sweeps; ``sweep_id`` tells them apart).
         metrics: ``metrics.parquet`` rows.
         speed: ``speed.parquet`` rows with a ``sweep_id`` column (empty when not measured).
+        evaluation: ``evaluation.parquet`` rows (final protocol: one per model-or-baseline x chain x
+            space x seed, :func:`mmdsweep.results.evaluation.evaluation_schema`) with a ``sweep_id``
+            column; empty, with those columns, when the final protocol has not run (e.g. an
+            interrupted sweep).
         meta: ``sweep.json`` of the (first) sweep, completed from the Parquet metadata.
         dirs: results directory per sweep id.
         metas: ``sweep.json`` per sweep id.
@@ -86,6 +107,7 @@ class Sweep:
     dirs: dict[str, Path] = field(default_factory=dict)
     metas: dict[str, dict[str, Any]] = field(default_factory=dict)
     param_types: dict[str, str] = field(default_factory=dict)
+    evaluation: pd.DataFrame = field(default_factory=lambda: _empty_evaluation())
 
     @property
     def sweep_ids(self) -> list[str]:
@@ -101,7 +123,8 @@ class Sweep:
         status = self.trials["status"].value_counts().to_dict() if len(self.trials) else {}
         return (
             f"Sweep({', '.join(self.sweep_ids)}: {len(self.trials)} trials {status}, "
-            f"{len(self.metrics)} reports, {len(self.speed)} speed rows, dir={self.dir})"
+            f"{len(self.metrics)} reports, {len(self.speed)} speed rows, "
+            f"{len(self.evaluation)} final-evaluation rows, dir={self.dir})"
         )
 
 
@@ -118,17 +141,34 @@ def _empty_metrics() -> pd.DataFrame:
     return METRICS_SCHEMA.empty_table().to_pandas()
 
 
+def _empty_evaluation() -> pd.DataFrame:
+    df = empty_evaluation()
+    df.insert(0, "sweep_id", pd.Series(dtype=object))
+    return df
+
+
+def _read_evaluation(d: Path, sid: str) -> pd.DataFrame:
+    if not SweepLayout(d).evaluation.is_file():
+        return _empty_evaluation()
+    df = read_evaluation(d)
+    df.insert(0, "sweep_id", pd.Series([sid] * len(df), dtype=object))
+    return df
+
+
 def load_sweep(path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Sweep:
     """Load one results directory, or several (concatenated; ``sweep_id`` tells them apart).
 
+    ``evaluation.parquet`` (the final protocol) is loaded too when present (:attr:`Sweep.evaluation`).
+
     Raises:
         FileNotFoundError: a directory has no ``trials.parquet``.
-        ValueError: two directories hold the same sweep id.
+        ValueError: two directories hold the same sweep id, or an ``evaluation.parquet`` of an unknown
+            schema version.
     """
     paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
     if not paths:
         raise ValueError("load_sweep: expected at least one results directory")
-    trials, metrics, speeds = [], [], []
+    trials, metrics, speeds, evaluations = [], [], [], []
     dirs: dict[str, Path] = {}
     metas: dict[str, dict[str, Any]] = {}
     param_types: dict[str, str] = {}
@@ -147,6 +187,7 @@ def load_sweep(path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLik
         speed = read_speed_table(d)
         speed.insert(0, "sweep_id", pd.Series([sid] * len(speed), dtype=object))
         speeds.append(speed)
+        evaluations.append(_read_evaluation(d, sid))
     return Sweep(
         dir=next(iter(dirs.values())),
         trials=_concat(trials),
@@ -156,6 +197,7 @@ def load_sweep(path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLik
         dirs=dirs,
         metas=metas,
         param_types=param_types,
+        evaluation=_concat(evaluations),
     )
 
 
@@ -272,6 +314,150 @@ def baseline_fid(sweep: Sweep) -> pd.DataFrame:
     return df.sort_values(["sweep_id", "timesteps"]).reset_index(drop=True)
 
 
+# --------------------------------------------------------------------------- final protocol
+
+
+def _experiment_yaml(sweep: Sweep, sweep_id: str) -> dict[str, Any]:
+    path = SweepLayout(sweep.dirs[sweep_id]).experiment
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _setting(sweep: Sweep, sweep_id: str, section: str, key: str, default: str) -> str:
+    value = (_experiment_yaml(sweep, sweep_id).get(section) or {}).get(key)
+    return str(value) if value is not None else default
+
+
+def primary_space(sweep: Sweep, sweep_id: str | None = None) -> str:
+    """The primary evaluation space of a sweep (``features.eval``): ``sweep.json``'s ``eval_space``, else
+    the space of its first ``final`` entry, else ``experiment.yaml``, else the config default."""
+    from mmdsweep.config import FeaturesConfig
+
+    sid = sweep_id or sweep.sweep_ids[0]
+    meta = sweep.metas.get(sid, {})
+    if meta.get("eval_space"):
+        return str(meta["eval_space"])
+    final = meta.get("final") or []
+    if final and isinstance(final[0], dict) and final[0].get("space"):
+        return str(final[0]["space"])
+    return _setting(sweep, sid, "features", "eval", FeaturesConfig().eval)
+
+
+FINAL_TABLE_COLUMNS = [
+    "sweep_id",
+    "space",
+    "primary",
+    "timesteps",
+    "trial_id",
+    "train",
+    "selection_fid",
+    *[c for c in FINAL_COMPARISON_COLUMNS if c not in ("space", "primary", "timesteps", "trial_id")],
+]
+
+
+def final_table(sweep: Sweep, space: str | None = None) -> pd.DataFrame:
+    """The final protocol's comparison: each final-scored fine-tuned model against the best training-free
+    baseline at its T, per sweep and evaluation space (``space=None``: all spaces; the primary first).
+
+    Rows: :func:`mmdsweep.results.evaluation.final_comparison` of :attr:`Sweep.evaluation`, one per
+    (sweep, space, T, trial). Columns (:data:`FINAL_TABLE_COLUMNS`): ``sweep_id``, ``space``,
+    ``primary`` (the sweep's ``features.eval``), ``timesteps`` (sampler steps T), ``trial_id``,
+    ``train`` (the trial's ``finetune.train`` mode: searched value, else the experiment's),
+    ``selection_fid`` (the trial's ``best_fid``: selection protocol, not comparable to the rest),
+    ``fid_mean``/``fid_std`` (final FID, mean and std ddof=1 over ``k`` fresh noise seeds of
+    ``num_samples`` images each, against ``reference``), ``kid_mean``/``kid_std``,
+    ``best_baseline`` (``sampler/spacing``), ``baseline_fid_mean``/``baseline_fid_std``, ``gain``
+    (baseline minus model FID: positive = fine-tuning helps), ``diff_std`` (sqrt(s_model^2 +
+    s_baseline^2)), ``beyond_2std`` (``|gain| > 2 diff_std``), ``verdict`` (``better``/``worse``/
+    ``within noise``), ``preprocessing``, ``warnings``, ``model``, ``sampler``, ``spacing``.
+    Empty (same columns) when no ``evaluation.parquet`` was loaded.
+    """
+    frames = []
+    for sid in sweep.sweep_ids:
+        ev = sweep.evaluation[sweep.evaluation["sweep_id"] == sid].drop(columns="sweep_id")
+        comp = final_comparison(ev, primary_space(sweep, sid))
+        if comp.empty:
+            continue
+        comp.insert(0, "sweep_id", sid)
+        t = sweep.trials[sweep.trials["sweep_id"] == sid].drop_duplicates("trial_id").set_index("trial_id")
+        mode = _setting(sweep, sid, "finetune", "train", "weights")
+        if "param.finetune.train" in t:
+            modes = t["param.finetune.train"].astype(object).where(t["param.finetune.train"].notna(), mode)
+            comp["train"] = comp["trial_id"].map(modes).fillna(mode)
+        else:
+            comp["train"] = mode
+        comp["selection_fid"] = comp["trial_id"].map(t["best_fid"]).astype(float)
+        frames.append(comp)
+    if not frames:
+        return pd.DataFrame(columns=FINAL_TABLE_COLUMNS)
+    df = pd.concat(frames, ignore_index=True)[FINAL_TABLE_COLUMNS]
+    if space is not None:
+        df = df[df["space"] == space]
+    return df.reset_index(drop=True)
+
+
+BASELINES_COLUMNS = [
+    "sweep_id",
+    "space",
+    "primary",
+    "timesteps",
+    "rank",
+    "sampler",
+    "spacing",
+    "fid_mean",
+    "fid_std",
+    "kid_mean",
+    "kid_std",
+    "k",
+    "num_samples",
+    "reference",
+    "warnings",
+]
+
+
+def baselines_table(sweep: Sweep, space: str | None = None) -> pd.DataFrame:
+    """Every training-free baseline (base model, sampler x spacing) under the final protocol.
+
+    One row per (sweep, space, T, sampler, spacing), sorted by sweep, space (primary first), T and mean
+    FID; ``rank`` 1 is the best baseline at that T and space (the one :func:`final_table` compares
+    with). Columns (:data:`BASELINES_COLUMNS`): ``fid_mean``/``fid_std`` and ``kid_mean``/``kid_std``
+    (mean and std ddof=1 over ``k`` fresh seeds of ``num_samples`` images), ``reference``, ``warnings``.
+    ``space=None``: all spaces.
+    """
+    frames = []
+    for sid in sweep.sweep_ids:
+        ev = sweep.evaluation[
+            (sweep.evaluation["sweep_id"] == sid)
+            & (sweep.evaluation["kind"] == "baseline")
+            & (sweep.evaluation["protocol"] == "final")
+        ]
+        if ev.empty:
+            continue
+        summ = summarize(ev.drop(columns="sweep_id"))
+        primary = primary_space(sweep, sid)
+        summ["sweep_id"] = sid
+        summ["primary"] = summ["space"] == primary
+        summ["_order"] = ~summ["primary"]
+        summ = summ.sort_values(["_order", "space", "timesteps", "fid_mean"], kind="stable")
+        summ["rank"] = summ.groupby(["space", "timesteps"]).cumcount() + 1
+        frames.append(summ)
+    if not frames:
+        return pd.DataFrame(columns=BASELINES_COLUMNS)
+    df = pd.concat(frames, ignore_index=True)[BASELINES_COLUMNS]
+    if space is not None:
+        df = df[df["space"] == space]
+    return df.reset_index(drop=True)
+
+
+def _final_primary(sweep: Sweep) -> pd.DataFrame:
+    """Primary-space rows of :func:`final_table`, one per (sweep_id, trial_id)."""
+    ft = final_table(sweep)
+    return ft[ft["primary"].astype(bool)].drop_duplicates(["sweep_id", "trial_id"])
+
+
 def leaderboard(
     sweep: Sweep,
     by: str = "best_fid",
@@ -283,10 +469,14 @@ def leaderboard(
     """Trials ranked by ``by`` (lowest first unless ``ascending=False``; missing values last).
 
     ``rank`` starts at 1 (per T with ``per_t``, sorted by T then rank). The table keeps the
-    result columns, the ``param.*`` columns and ``seconds_per_image`` (from ``speed.parquet``).
+    result columns (selection protocol: ``best_fid``/``best_kid`` the best evaluation,
+    ``final_fid``/``final_kid`` the last one), the ``param.*`` columns, ``seconds_per_image``
+    (from ``speed.parquet``) and ``final_fid_mean``/``final_fid_std``: the FID of the final
+    protocol in the primary space (mean and std ddof=1 over fresh noise seeds, held-out
+    reference; :func:`final_table`) for the trials it scored, NaN for the others.
     ``top`` keeps the first rows (per T with ``per_t``).
     """
-    df = trials_with_speed(sweep)
+    df = _with_final(trials_with_speed(sweep), sweep, ["fid_mean", "fid_std"])
     if by not in df.columns:
         raise KeyError(f"leaderboard: no column {by!r}; choose one of {sorted(df.columns)}")
     keys = ["timesteps"] if per_t else []
@@ -307,6 +497,8 @@ def leaderboard(
         "best_kid",
         "final_fid",
         "final_kid",
+        "final_fid_mean",
+        "final_fid_std",
         "best_step",
         "steps",
         "wall_time_s",
@@ -317,6 +509,18 @@ def leaderboard(
     return df[[c for c in ordered if c in df.columns]].reset_index(drop=True)
 
 
+def _with_final(df: pd.DataFrame, sweep: Sweep, columns: list[str]) -> pd.DataFrame:
+    """``df`` with the primary-space :func:`final_table` columns joined on (sweep_id, trial_id);
+    ``fid_mean``/``fid_std`` become ``final_fid_mean``/``final_fid_std``."""
+    names = {"fid_mean": "final_fid_mean", "fid_std": "final_fid_std"}
+    final = _final_primary(sweep)[["sweep_id", "trial_id", *columns]].rename(columns=names)
+    out = df.merge(final, on=["sweep_id", "trial_id"], how="left")
+    for c in ("final_fid_mean", "final_fid_std", "baseline_fid_mean", "baseline_fid_std", "gain"):
+        if c in out:
+            out[c] = out[c].astype(float)
+    return out
+
+
 def best_per_t(sweep: Sweep) -> pd.DataFrame:
     """The best trial (lowest ``best_fid``) for each timestep budget T (and sweep).
 
@@ -324,6 +528,13 @@ def best_per_t(sweep: Sweep) -> pd.DataFrame:
     base model before fine-tuning, see :func:`baseline_fid`), ``fid_improvement``
     (``base_fid - best_fid``), ``seconds_per_image``, ``export_dir`` (the exported pipeline of
     that T in ``sweep.json``, if any), ``best_checkpoint`` and the ``param.*`` columns.
+
+    From the final protocol (:func:`final_table`, primary space; NaN/None when the trial was not
+    final-scored): ``final_fid_mean``/``final_fid_std`` (FID, mean and std ddof=1 over fresh noise
+    seeds), ``best_baseline`` (``sampler/spacing`` of the best training-free baseline at T),
+    ``baseline_fid_mean``/``baseline_fid_std``, ``gain`` (baseline minus fine-tuned final FID,
+    positive = better) and ``beyond_2std`` (whether ``|gain|`` exceeds 2 std of the difference).
+    ``base_fid`` and ``fid_improvement`` are selection-protocol numbers.
     """
     df = trials_with_speed(sweep).dropna(subset=["best_fid", "timesteps"])
     df = df.sort_values(["sweep_id", "timesteps", "best_fid"], kind="stable")
@@ -336,6 +547,19 @@ def best_per_t(sweep: Sweep) -> pd.DataFrame:
         dirs = model_dirs(sweep.dirs[sid], sweep.metas[sid])
         exports.append(dirs.get(export_name(int(T))))
     best["export_dir"] = exports
+    best = _with_final(
+        best,
+        sweep,
+        [
+            "fid_mean",
+            "fid_std",
+            "best_baseline",
+            "baseline_fid_mean",
+            "baseline_fid_std",
+            "gain",
+            "beyond_2std",
+        ],
+    )
     cols = [
         "sweep_id",
         "timesteps",
@@ -346,6 +570,13 @@ def best_per_t(sweep: Sweep) -> pd.DataFrame:
         "best_step",
         "base_fid",
         "fid_improvement",
+        "final_fid_mean",
+        "final_fid_std",
+        "best_baseline",
+        "baseline_fid_mean",
+        "baseline_fid_std",
+        "gain",
+        "beyond_2std",
         "seconds_per_image",
         "export_dir",
         "best_checkpoint",
@@ -748,13 +979,13 @@ def plot_sensitivity(sens: pd.DataFrame | Sweep) -> Figure:
 def duckdb_paths(sweep: Sweep) -> dict[str, str]:
     """Parquet paths for DuckDB: ``duckdb.sql(f"select * from '{paths['metrics']}'")``.
 
-    Keys ``trials``, ``metrics`` and (when measured) ``speed`` for the first sweep, and
+    Keys ``trials``, ``metrics`` and (when written) ``speed`` and ``evaluation`` for the first sweep, and
     ``<sweep_id>/trials`` etc. for every sweep.
     """
     out: dict[str, str] = {}
     for i, (sid, d) in enumerate(sweep.dirs.items()):
         rp = SweepLayout(d)
-        files = {"trials": rp.trials, "metrics": rp.metrics, "speed": rp.speed}
+        files = {"trials": rp.trials, "metrics": rp.metrics, "speed": rp.speed, "evaluation": rp.evaluation}
         for name, path in files.items():
             if path.exists():
                 if i == 0:

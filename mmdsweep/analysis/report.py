@@ -6,7 +6,9 @@
 
 writes ``RESULTS_DIR/report/report.html`` (or ``DIR/report.html``) with every image embedded
 as a base64 ``data:`` URI, so the file can be mailed or archived on its own, and the same
-figures as PNG files beside it. Sections: sweep summary, leaderboard, best trial per T, Pareto
+figures as PNG files beside it. Sections: sweep summary, final protocol (``evaluation.parquet``:
+fine-tuned models vs the best training-free baseline, mean +- std over fresh seeds, per feature
+space; every baseline), leaderboard, best trial per T, Pareto
 fronts (FID vs T and vs measured seconds per image), learning curves, parameter sensitivity,
 before/after sample grids at each exported T (identical noise), sampling speed and the
 resolved experiment config.
@@ -60,6 +62,9 @@ table.kv td:first-child { font-weight: 600; text-align: left; }
 .pair img { image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { font-size: 14px; margin-top: 4px; }
 .note { color: #555; font-style: italic; }
+table.tbl td.noise { color: #888; }
+table.tbl td.better { color: #064; font-weight: 600; }
+table.tbl td.worse { color: #a00; font-weight: 600; }
 .error { background: #fee; border: 1px solid #c66; padding: 8px; color: #900; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
 """
@@ -113,10 +118,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(df: pd.DataFrame, *, max_rows: int | None = None) -> str:
+def _table(df: pd.DataFrame, *, max_rows: int | None = None, row_classes: Sequence[str] | None = None) -> str:
     """An HTML table of ``df`` (pandas' Styler, escaped); ``param.`` prefixes dropped from the headers.
 
-    Numbers are right-aligned (the table's CSS), text cells get the class ``txt`` (left-aligned).
+    Numbers are right-aligned (the table's CSS), text cells get the class ``txt`` (left-aligned);
+    ``row_classes`` adds one more class to every cell of each row (e.g. ``noise``).
     """
     if df.empty:
         return '<p class="note">no rows</p>'
@@ -126,8 +132,12 @@ def _table(df: pd.DataFrame, *, max_rows: int | None = None) -> str:
     text = [
         not (pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t)) for t in shown.dtypes
     ]
+    extra = list(row_classes or [])[: len(shown)]
+    extra += [""] * (len(shown) - len(extra))
     classes = pd.DataFrame(
-        [["txt" if t else "" for t in text]] * len(shown), index=shown.index, columns=shown.columns
+        [[" ".join(c for c in ("txt" if t else "", x) if c) for t in text] for x in extra],
+        index=shown.index,
+        columns=shown.columns,
     )
     styler = (
         shown.style.format(_fmt, escape="html", na_rep="–")
@@ -214,6 +224,93 @@ def _summary_section(sweep: A.Sweep) -> str:
         + _table(by_t)
         + "</div></div>"
     )
+
+
+def _pm(mean: Any, std: Any) -> str:
+    """``"1.000 ± 0.100"`` (``"–"`` without a mean; the std omitted when unknown, e.g. one seed)."""
+    if mean is None or pd.isna(mean):
+        return "–"
+    return f"{float(mean):.3f}" + (f" ± {float(std):.3f}" if std is not None and not pd.isna(std) else "")
+
+
+def _protocol_sentence(rows: pd.DataFrame, space: str) -> str:
+    ks = sorted({int(k) for k in rows["k"]})
+    ns = sorted({int(n) for n in rows["num_samples"]})
+    refs = sorted({str(r) for r in rows["reference"]})
+    pre = sorted({p for v in rows["preprocessing"] for p in str(v or "").split("; ") if p})
+    return (
+        f"Final protocol: k = {', '.join(map(str, ks))} fresh noise seeds × N = {', '.join(map(str, ns))} images "
+        f"per seed, against the reference {', '.join(refs)}, in feature space {space}"
+        + (f" (preprocessing: {'; '.join(pre)})" if pre else "")
+        + "; FID mean ± std (ddof=1) over the seeds. The gain (baseline − fine-tuned FID) counts only beyond "
+        "2 std of the difference, sqrt(s_model² + s_baseline²); rows within 2 std are marked “within noise”."
+    )
+
+
+def _final_section(sweep: A.Sweep) -> str:
+    if sweep.evaluation.empty:
+        return (
+            '<p class="note">The final protocol has not run for this sweep: there is no '
+            f"{html.escape(SweepLayout(sweep.dir).evaluation.name)} (e.g. an interrupted sweep; "
+            "<code>python -m mmdsweep.tune EXPERIMENT --resume</code> finishes it, "
+            "<code>python -m mmdsweep.evaluate CHECKPOINT</code> scores one model). Every number below is a "
+            "selection-protocol number (validation noise and reference).</p>"
+        )
+    final = A.final_table(sweep)
+    out = [
+        '<p class="note">The sweep picks trials on the selection protocol (validation noise and reference: '
+        "“selection FID”); the final protocol rescores the chosen trials and every training-free baseline "
+        "(sampler × spacing of the base model) on fresh noise seeds against a held-out reference. Report "
+        "the final numbers; the two are not comparable.</p>"
+    ]
+    for space, rows in final.groupby("space", sort=False):
+        primary = bool(rows["primary"].iloc[0])
+        title = f"Space {space}" + (" (primary)" if primary else "")
+        shown = pd.DataFrame(
+            {
+                "T": rows["timesteps"].astype(int),
+                "trial": rows["trial_id"],
+                "train": rows["train"],
+                "selection FID": rows["selection_fid"],
+                "final FID": [_pm(m, s) for m, s in zip(rows["fid_mean"], rows["fid_std"])],
+                "best baseline": rows["best_baseline"].fillna("–"),
+                "baseline FID": [
+                    _pm(m, s) for m, s in zip(rows["baseline_fid_mean"], rows["baseline_fid_std"])
+                ],
+                "gain": rows["gain"],
+                "2 std": 2 * rows["diff_std"],
+                "verdict": rows["verdict"].replace("", "no baseline"),
+                "warnings": rows["warnings"],
+            }
+        )
+        classes = ["noise" if v == "within noise" else v for v in rows["verdict"]]
+        out.append(
+            f"<h3>{html.escape(title)}</h3><p>{html.escape(_protocol_sentence(rows, str(space)))}</p>"
+            + _table(shown, row_classes=classes)
+        )
+    base = A.baselines_table(sweep)
+    if base.empty:
+        out.append('<p class="note">No training-free baselines were scored (eval.baselines: false).</p>')
+    else:
+        shown = pd.DataFrame(
+            {
+                "space": base["space"],
+                "T": base["timesteps"].astype(int),
+                "rank": base["rank"],
+                "sampler": base["sampler"],
+                "spacing": base["spacing"],
+                "FID": [_pm(m, s) for m, s in zip(base["fid_mean"], base["fid_std"])],
+                "k": base["k"],
+                "N": base["num_samples"],
+                "reference": base["reference"],
+            }
+        )
+        out.append(
+            "<h3>Training-free baselines (final protocol)</h3>"
+            '<p class="note">Every sampler × spacing of the base model at each T; rank 1 is the best baseline, '
+            "the one the table above compares with.</p>" + _table(shown)
+        )
+    return "".join(out)
 
 
 def _leaderboard_section(sweep: A.Sweep, top: int) -> str:
@@ -347,6 +444,7 @@ def build_report(
     sweep = A.load_sweep(results)
     rep = _Report(out_dir=out)
     rep.section("summary", "Summary", lambda: _summary_section(sweep))
+    rep.section("final", "Final protocol", lambda: _final_section(sweep))
     rep.section("leaderboard", f"Leaderboard (top {top})", lambda: _leaderboard_section(sweep, top))
     rep.section("best", "Best trial per T", lambda: _best_section(sweep))
     rep.section("pareto", "Pareto fronts", lambda: _pareto_section(rep, sweep))

@@ -10,6 +10,8 @@
         evaluation.parquet                  .evaluation   (final-protocol scores)
         speed.parquet                       .speed        (sampling speed per model and T)
         checkpoints/T<T>/                   .checkpoint(T) (best checkpoint fetched per T)
+        checkpoints/T<T>-<mode>/            .candidate_checkpoint(T, mode) (best of one finetune.train
+                                            mode at T, final-scored beside the exported one)
         exported/T<T>/                      .exported(T)  (diffusers pipeline per T)
 
 Writers and readers take file names from :class:`SweepLayout`, never from string literals.
@@ -84,6 +86,11 @@ class SweepLayout:
 
     def checkpoint(self, timesteps: int) -> Path:
         return self.root / CHECKPOINTS_DIR / export_name(timesteps)
+
+    def candidate_checkpoint(self, timesteps: int, mode: str) -> Path:
+        """Where the best checkpoint of one ``finetune.train`` mode at T is fetched (a remote one is
+        copied there) for the final evaluation, apart from the exported model's :meth:`checkpoint`."""
+        return self.root / CHECKPOINTS_DIR / f"{export_name(timesteps)}-{mode}"
 
     def exported(self, timesteps: int) -> Path:
         return self.root / EXPORTED_DIR / export_name(timesteps)

@@ -5,7 +5,8 @@ recorded chain are scored in every evaluation space against the final reference
 (``eval.final_reference``: the held-out split by default), then mean +- std (ddof=1) over the seeds.
 The baselines are every training-free sampler x spacing of the base model at the same T under the same
 protocol, computed once and cached (key: model + protocol + chain). Rows go to a versioned
-``evaluation.parquet`` (:func:`evaluation_schema`). Used by ``python -m mmdsweep.evaluate`` and by the
+``evaluation.parquet`` (:func:`mmdsweep.results.evaluation.evaluation_schema`; the schema, reader and the
+table logic, torch-free, live in :mod:`mmdsweep.results.evaluation` and are re-exported here). Used by ``python -m mmdsweep.evaluate`` and by the
 sweep's finalisation.
 """
 
@@ -21,61 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from mmdsweep.config import ConfigError, Experiment, from_dict, load_experiment
+from mmdsweep.results.evaluation import (  # noqa: F401  (re-exported: the table logic lives in the results layer)
+    EVALUATION_FILE,
+    EVALUATION_SCHEMA_VERSION,
+    best_baselines,
+    evaluation_schema,
+    final_comparison,
+    gain_vs_best_baseline,
+    read_evaluation,
+    summarize,
+    write_evaluation,
+)
 
-EVALUATION_SCHEMA_VERSION = "1"
-EVALUATION_FILE = "evaluation.parquet"
 BASELINE_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
 BASELINE_SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 BASELINE_CACHE_VERSION = "1"
-
-
-def evaluation_schema() -> Any:
-    """THE schema of ``evaluation.parquet`` (one row per model-or-baseline x chain x space x seed)."""
-    import pyarrow as pa
-
-    fields = [
-        pa.field("kind", pa.string(), nullable=False),  # "model" | "baseline"
-        pa.field("model", pa.string(), nullable=False),  # checkpoint path, or the base model for baselines
-        pa.field("trial_id", pa.string()),
-        pa.field("sampler", pa.string(), nullable=False),
-        pa.field("spacing", pa.string(), nullable=False),
-        pa.field("timesteps", pa.int64(), nullable=False),
-        pa.field("eta", pa.float64()),
-        pa.field("clip_sample", pa.bool_()),
-        pa.field("final_clamp", pa.bool_()),
-        pa.field("grid", pa.string()),  # JSON list of the timesteps
-        pa.field("space", pa.string(), nullable=False),
-        pa.field("protocol", pa.string(), nullable=False),  # "final" | "selection"
-        pa.field("seed", pa.int64(), nullable=False),
-        pa.field("reference", pa.string(), nullable=False),
-        pa.field("num_samples", pa.int64(), nullable=False),
-        pa.field("fid", pa.float64()),
-        pa.field("kid", pa.float64()),
-        pa.field("preprocessing", pa.string()),
-        pa.field("warnings", pa.string()),  # "; "-joined metric warnings ("" when none), never silenced
-        pa.field("sec_per_image", pa.float64()),
-        pa.field("created_unix", pa.float64()),
-    ]
-    return pa.schema(
-        fields, metadata={b"mmdsweep.evaluation_schema_version": EVALUATION_SCHEMA_VERSION.encode()}
-    )
-
-
-def write_evaluation(rows: Sequence[dict[str, Any]], path: str | Path, *, append: bool = True) -> Path:
-    """Write rows (plus, with ``append``, the rows already in ``path``) atomically with the results writer."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from mmdsweep.results import atomic_write_table
-
-    schema = evaluation_schema()
-    out = Path(path)
-    old: list[dict[str, Any]] = []
-    if append and out.is_file():
-        old = pq.read_table(out).to_pylist()
-    table = pa.Table.from_pylist([*old, *[{k: r.get(k) for k in schema.names} for r in rows]], schema=schema)
-    atomic_write_table(table, out)
-    return out
 
 
 def rows_from_results(
@@ -114,58 +75,6 @@ def rows_from_results(
                 }
             )
     return rows
-
-
-def summarize(rows: Sequence[dict[str, Any]]) -> Any:
-    """Mean +- std (ddof=1) over seeds per (kind, model, trial, sampler, spacing, T, space, reference, N)."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    keys = [
-        "kind",
-        "model",
-        "trial_id",
-        "sampler",
-        "spacing",
-        "timesteps",
-        "space",
-        "reference",
-        "num_samples",
-    ]
-    df["trial_id"] = df["trial_id"].fillna("")
-    g = df.groupby(keys, dropna=False)
-    out = g.agg(
-        fid_mean=("fid", "mean"),
-        fid_std=("fid", lambda s: float(s.std(ddof=1)) if len(s) > 1 else math.nan),
-        kid_mean=("kid", "mean"),
-        kid_std=("kid", lambda s: float(s.std(ddof=1)) if len(s) > 1 else math.nan),
-        k=("seed", "nunique"),
-        warnings=("warnings", lambda s: "; ".join(sorted({w for w in s if w}))),
-    ).reset_index()
-    return out
-
-
-def best_baselines(summary: Any, space: str) -> Any:
-    """Per T, the baseline with the lowest mean final FID in ``space`` (columns as :func:`summarize`)."""
-    b = summary[(summary["kind"] == "baseline") & (summary["space"] == space)]
-    if b.empty:
-        return b
-    return b.sort_values("fid_mean").groupby("timesteps", as_index=False).first()
-
-
-def gain_vs_best_baseline(
-    model_mean: float, model_std: float, base_mean: float, base_std: float
-) -> dict[str, Any]:
-    """Gain (baseline - model, positive = better) and whether it exceeds 2 std of the difference
-    (std of a difference of two independent means over seeds: sqrt(s1^2 + s2^2))."""
-    gain = base_mean - model_mean
-    s = math.sqrt(
-        (model_std if math.isfinite(model_std) else 0.0) ** 2
-        + (base_std if math.isfinite(base_std) else 0.0) ** 2
-    )
-    return {"gain": gain, "diff_std": s, "beyond_2std": bool(s > 0 and abs(gain) > 2 * s)}
 
 
 # --------------------------------------------------------------------------------------------- running
