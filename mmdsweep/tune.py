@@ -685,6 +685,7 @@ def final_evaluation(
                 baseline_fid_std=float(r["baseline_fid_std"]),
                 gain=float(r["gain"]),
                 diff_std=float(r["diff_std"]),
+                paired=bool(r["paired"]),
                 beyond_2std=bool(r["beyond_2std"]),
             )
         table.append(entry)
@@ -695,9 +696,10 @@ def final_evaluation(
 def _verdict(e: dict[str, Any]) -> str:
     if "best_baseline" not in e:
         return "(no baselines: eval.baselines false)"
+    std = f"2 x {e['diff_std']:.3f}"
     if not e["beyond_2std"]:
-        return f"within 2 std: noise (gain {e['gain']:+.3f})"
-    return f"{'better' if e['gain'] > 0 else 'worse'} by {abs(e['gain']):.3f} (> 2 std)"
+        return f"within noise (gain {e['gain']:+.3f}, not > {std})"
+    return f"{'better' if e['gain'] > 0 else 'worse'} by {abs(e['gain']):.3f} (> {std})"
 
 
 def format_final_table(final: list[dict[str, Any]]) -> str:
@@ -734,7 +736,9 @@ def format_final_table(final: list[dict[str, Any]]) -> str:
         e0 = entries[0]
         lines.append(
             f"final protocol: {e0['k']} fresh noise seeds x N={e0['num_samples']}, reference {e0['reference']}, "
-            f"space {space}; mean +- std (ddof=1) over seeds; * = exported (best trial of its T)"
+            f"space {space}; mean +- std (ddof=1) over seeds; "
+            "gain = baseline - tuned FID, against 2 std of its per-seed (paired: same noise) differences; "
+            "* = exported (best trial of its T)"
         )
         warns = sorted({w for e in entries for w in str(e.get("warnings", "")).split("; ") if w})
         for w in warns:

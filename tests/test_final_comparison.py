@@ -50,6 +50,9 @@ def test_final_comparison_known_numbers(tmp_path: Path) -> None:
             ("classifier", 5, "baseline", "ddim/leading"): [1.9, 2.0, 2.1],
             ("classifier", 5, "baseline", "unipc/trailing"): [2.4, 2.5, 2.6],
             ("classifier", 10, "model", "c"): [3.0, 3.0, 3.0],  # std 0, no baseline at T=10
+            # seeds shared with the baseline move both FIDs together: unpaired within noise, paired beyond
+            ("classifier", 20, "model", "d"): [2.1, 1.0, 0.95],
+            ("classifier", 20, "baseline", "unipc/leading"): [2.2, 1.08, 1.05],
             ("inception", 5, "model", "a"): [12.0, 13.0, 14.0],
             ("inception", 5, "baseline", "ddim/leading"): [9.0, 9.5, 10.0],
             ("inception", 5, "baseline", "unipc/trailing"): [8.0, 8.1, 8.2],
@@ -60,19 +63,31 @@ def test_final_comparison_known_numbers(tmp_path: Path) -> None:
     df = read_evaluation(tmp_path)  # a sweep directory, or the file itself
     assert len(df) == len(rows) and len(read_evaluation(tmp_path / "evaluation.parquet")) == len(rows)
     comp = final_comparison(df, "inception")
-    assert comp["space"].tolist() == ["inception", "classifier", "classifier", "classifier"]
-    assert comp["primary"].tolist() == [True, False, False, False]
+    assert comp["space"].tolist() == ["inception", "classifier", "classifier", "classifier", "classifier"]
+    assert comp["primary"].tolist() == [True, False, False, False, False]
     comp = final_comparison(rows, "classifier").set_index(["space", "timesteps", "trial_id"])
     a = comp.loc[("classifier", 5, "a")]
     assert a["fid_mean"] == pytest.approx(1.0) and a["fid_std"] == pytest.approx(0.1)
     assert a["best_baseline"] == "ddim/leading" and a["baseline_fid_mean"] == pytest.approx(2.0)
     assert a["baseline_fid_std"] == pytest.approx(0.1) and a["gain"] == pytest.approx(1.0)
-    assert a["diff_std"] == pytest.approx(math.sqrt(0.02)) and a["beyond_2std"] and a["verdict"] == "better"
+    # the same gain (1.0) on every seed: paired std 0, beyond; the unpaired std is kept for reference
+    assert a["paired"] and a["diff_std"] == pytest.approx(0.0, abs=1e-12)
+    assert (
+        a["diff_std_unpaired"] == pytest.approx(math.sqrt(0.02))
+        and a["beyond_2std"]
+        and a["verdict"] == "better"
+    )
     assert a["k"] == 3 and a["num_samples"] == 32 and a["reference"] == "digits:heldout"
     assert a["kid_mean"] == pytest.approx(0.01) and a["preprocessing"] == "classifier 8->32"
     b = comp.loc[("classifier", 5, "b")]
     assert b["fid_mean"] == pytest.approx(1.9) and b["fid_std"] == pytest.approx(0.3)
     assert b["gain"] == pytest.approx(0.1) and not b["beyond_2std"] and b["verdict"] == "within noise"
+    assert b["diff_std"] == pytest.approx(0.2)  # per-seed differences 0.3, 0.1, -0.1
+    d = comp.loc[("classifier", 20, "d")]
+    assert (
+        d["gain"] == pytest.approx((0.1 + 0.08 + 0.1) / 3) and d["beyond_2std"] and d["verdict"] == "better"
+    )
+    assert d["diff_std_unpaired"] > 0.8 and 2 * d["diff_std_unpaired"] > d["gain"]  # unpaired: within noise
     c = comp.loc[("classifier", 10, "c")]
     assert (
         pd.isna(c["best_baseline"]) and math.isnan(c["gain"]) and not c["beyond_2std"] and c["verdict"] == ""

@@ -344,12 +344,16 @@ def test_final_evaluation_entries_and_table(tmp_path: Path, monkeypatch: pytest.
         and proto[0] < lines.index("space inception")
     )
     assert re.search(
-        r"^\s+5\s+weights\*\s+20\.000\s+1\.000 \+- 0\.100\s+ddim/leading\s+2\.000 \+- 0\.100\s+better by 1\.000 \(> 2 std\)$",
+        r"^\s+5\s+weights\*\s+20\.000\s+1\.000 \+- 0\.100\s+ddim/leading\s+2\.000 \+- 0\.100\s+better by 1\.000 \(> 2 x 0\.000\)$",
         text,
         re.M,
     )
-    assert re.search(r"^\s+5\s+timesteps\s+21\.000\s+1\.900 \+- 0\.300 .*within 2 std: noise", text, re.M)
-    assert "worse by 3.000 (> 2 std)" in text
+    assert re.search(
+        r"^\s+5\s+timesteps\s+21\.000\s+1\.900 \+- 0\.300 .*within noise \(gain \+0\.100, not > 2 x 0\.200\)",
+        text,
+        re.M,
+    )
+    assert "worse by 3.000 (> 2 x 0.000)" in text
     assert "final protocol: 3 fresh noise seeds x N=16, reference digits:heldout, space inception" in text
     assert "metric warning (inception): N=16 is small" in text
     assert tune.format_final_table([]) == "(no final evaluation)"

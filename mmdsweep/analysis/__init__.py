@@ -370,8 +370,8 @@ def final_table(sweep: Sweep, space: str | None = None) -> pd.DataFrame:
     ``fid_mean``/``fid_std`` (final FID, mean and std ddof=1 over ``k`` fresh noise seeds of
     ``num_samples`` images each, against ``reference``), ``kid_mean``/``kid_std``,
     ``best_baseline`` (``sampler/spacing``), ``baseline_fid_mean``/``baseline_fid_std``, ``gain``
-    (baseline minus model FID: positive = fine-tuning helps), ``diff_std`` (sqrt(s_model^2 +
-    s_baseline^2)), ``beyond_2std`` (``|gain| > 2 diff_std``), ``verdict`` (``better``/``worse``/
+    (baseline minus model FID: positive = fine-tuning helps), ``diff_std`` (std of the per-seed
+    differences, paired by seed; sqrt(s_model^2 + s_baseline^2) when unpaired: ``paired``), ``beyond_2std`` (``|gain| > 2 diff_std``), ``verdict`` (``better``/``worse``/
     ``within noise``), ``preprocessing``, ``warnings``, ``model``, ``sampler``, ``spacing``.
     Empty (same columns) when no ``evaluation.parquet`` was loaded.
     """

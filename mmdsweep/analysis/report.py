@@ -243,7 +243,9 @@ def _protocol_sentence(rows: pd.DataFrame, space: str) -> str:
         f"per seed, against the reference {', '.join(refs)}, in feature space {space}"
         + (f" (preprocessing: {'; '.join(pre)})" if pre else "")
         + "; FID mean ± std (ddof=1) over the seeds. The gain (baseline − fine-tuned FID) counts only beyond "
-        "2 std of the difference, sqrt(s_model² + s_baseline²); rows within 2 std are marked “within noise”."
+        "2 std of its per-seed differences (paired: model and baseline are sampled from the same noise for a "
+        "seed; sqrt(s_model² + s_baseline²) where they share fewer than 2 seeds); rows within 2 std are marked "
+        "“within noise”."
     )
 
 
