@@ -250,7 +250,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="default", choices=["default", "church64", "church256", "cifar10", "tiny"])
+    ap.add_argument(
+        "--arch", default="default", choices=["default", "church64", "church256", "cifar10", "tiny"]
+    )
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true", help="three tiny rows (tests)")
