@@ -57,6 +57,12 @@ def test_components_move_the_way_they_should() -> None:
     assert lora is not None and lora.trainable < base.trainable / 3 and lora.optimizer < base.optimizer / 3
     bf16 = estimate(_exp(**{"finetune.batch_size": 16, "finetune.precision": "bf16"}))
     assert bf16 is not None and bf16.unet_activations < 0.8 * base.unet_activations
+    # a learned grid alone: T trainable numbers, no weight gradients or Adam state, the same activations
+    grid = estimate(
+        _exp(**{"finetune.batch_size": 16, "sampler.timesteps": 4, "finetune.train": "timesteps"})
+    )
+    assert grid is not None and grid.trainable == 4 and grid.grads < 1e-3 and grid.optimizer < 1e-3
+    assert grid.unet_activations == base.unet_activations and grid.weights == base.weights
 
 
 def test_estimate_matches_the_activations_of_a_real_step() -> None:

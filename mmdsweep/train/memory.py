@@ -333,17 +333,20 @@ def estimate(
         return (T + 3) * b * image_mib + (T * b * image_mib if exp.sampler.eta > 0 else 0.0)
 
     weights = pr.params * 4 / MiB
+    # finetune.train: timesteps trains only the T grid logits (the weights get no gradients, no Adam state and
+    # no EMA copy); the chain's activations are saved all the same (the grid's gradient flows through them)
+    trainable = T if getattr(ft, "train", "weights") == "timesteps" else pr.trainable
     est = MemoryEstimate(
         weights=weights,
-        grads=pr.trainable * 4 / MiB,
-        optimizer=2 * pr.trainable * 4 / MiB,
-        ema=(pr.trainable * 4 / MiB) if ft.ema_decay is not None else 0.0,
+        grads=trainable * 4 / MiB,
+        optimizer=2 * trainable * 4 / MiB,
+        ema=(trainable * 4 / MiB) if ft.ema_decay is not None else 0.0,
         unet_activations=unet_act(ckpt),
         feature_network=f_params,
         feature_activations=b * (0.0 if math.isnan(f_act) else f_act),
         chain_state=chain(ckpt),
         images_per_pass=b,
-        trainable=pr.trainable,
+        trainable=trainable,
         params=pr.params,
         gpu_type=gpu_type if gpu_type is not None else exp.resources.gpu_type,
         checkpointing=ckpt,
