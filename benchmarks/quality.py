@@ -38,6 +38,13 @@ def main() -> int:
     ap.add_argument("--few", type=int, nargs="+", default=[5, 10], help="T for every baseline")
     ap.add_argument("--long", type=int, nargs="+", default=[50, 100], help="T for DDIM (leading) only")
     ap.add_argument("--finetuned", nargs="*", default=[], help="fine-tuned checkpoint directories")
+    ap.add_argument(
+        "--include",
+        nargs="*",
+        default=[],
+        help="evaluation.parquet files (a sweep's, benchmarks/quality_vs_time.py's) whose fine-tuned rows were "
+        "scored under the same final protocol (seeds, N, reference): added as they are",
+    )
     ap.add_argument("--samplers", nargs="+", default=None, help="baseline samplers (default: all)")
     ap.add_argument("--spacings", nargs="+", default=None, help="baseline spacings (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
@@ -87,6 +94,23 @@ def main() -> int:
         t0 = time.time()
         rows += ev.final_rows_for_model(exp, ckpt, evaluator, device=device)
         print(f"fine-tuned {ckpt}: {time.time() - t0:.0f}s", file=sys.stderr)
+    want = (sorted(exp.eval.final_seeds), args.num_samples, evaluator.reference_name)
+    for path in args.include:
+        got = ev.read_evaluation(path)
+        got = got[(got["kind"] == "model") & (got["protocol"] == "final")]
+        for key, grp in got.groupby(["model", "space"]):
+            have = (
+                sorted(int(x) for x in grp["seed"]),
+                int(grp["num_samples"].iloc[0]),
+                grp["reference"].iloc[0],
+            )
+            if have != want:
+                print(f"--include {path}: {key} skipped: protocol {have} != {want}", file=sys.stderr)
+                continue
+            rows += [
+                {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                for r in grp.to_dict("records")
+            ]
     elapsed = time.time() - t_all
     ev.write_evaluation(rows, args.parquet, append=False)
     summ = ev.summarize(rows)
@@ -137,27 +161,33 @@ def main() -> int:
         if warns:
             lines += ["", "Metric warnings (not silenced):", "", *[f"* {w}" for w in warns]]
         lines.append("")
-    # best baseline per T, and each fine-tuned model against it
-    lines += ["## Best training-free sampler per T (primary space) and the fine-tuned models", ""]
-    bb = ev.best_baselines(summ, primary)
-    lines += [
-        "| T | best baseline | final FID | fine-tuned | final FID | gain | beyond 2 std? |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for _, b in bb.iterrows():
-        T = int(b["timesteps"])
-        m = summ[(summ["kind"] == "model") & (summ["timesteps"] == T) & (summ["space"] == primary)]
-        if m.empty:
-            lines.append(
-                f"| {T} | {b['sampler']}/{b['spacing']} | {_fmt(b['fid_mean'], b['fid_std'])} | pending | | | |"
-            )
-        for _, r in m.iterrows():
-            g = ev.gain_vs_best_baseline(r["fid_mean"], r["fid_std"], b["fid_mean"], b["fid_std"])
-            lines.append(
-                f"| {T} | {b['sampler']}/{b['spacing']} | {_fmt(b['fid_mean'], b['fid_std'])} | {r['sampler']}/"
-                f"{r['spacing']} | {_fmt(r['fid_mean'], r['fid_std'])} | {g['gain']:+.3f} | "
-                f"{'yes' if g['beyond_2std'] else 'no'} |"
-            )
+    # each fine-tuned model against the best training-free sampler at its T, in every space (paired by seed)
+    comp = ev.final_comparison(rows, primary)
+    for space in spaces:
+        c = comp[comp["space"] == space]
+        bb = ev.best_baselines(summ, space)
+        lines += [
+            f"## Best training-free sampler per T and the fine-tuned models: `{space}`"
+            + (" (primary)" if space == primary else ""),
+            "",
+            "| T | best baseline | final FID | fine-tuned | final FID | gain | 2 x std of the per-seed gain | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for _, b in bb.iterrows():
+            T = int(b["timesteps"])
+            m = c[c["timesteps"] == T]
+            if m.empty:
+                lines.append(
+                    f"| {T} | {b['sampler']}/{b['spacing']} | {_fmt(b['fid_mean'], b['fid_std'])} | - | | | | |"
+                )
+            for _, r in m.iterrows():
+                name = r["trial_id"] or Path(str(r["model"])).name
+                lines.append(
+                    f"| {T} | {r['best_baseline']} | {_fmt(r['baseline_fid_mean'], r['baseline_fid_std'])} | "
+                    f"{name} ({r['sampler']}) | {_fmt(r['fid_mean'], r['fid_std'])} | {r['gain']:+.3f} | "
+                    f"{2 * r['diff_std']:.3f}{'' if r['paired'] else ' (unpaired)'} | {r['verdict']} |"
+                )
+        lines.append("")
     lines.append("")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
