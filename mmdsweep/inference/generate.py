@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ from mmdsweep.core.sampling import ChainSpec, NoiseSchedule, run_chain
 from mmdsweep.utils import atomic_write_bytes, progress, resolve_device, save_grid, to_uint8
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from mmdsweep.assets.models import Denoiser
     from mmdsweep.config import Experiment
 
@@ -257,11 +259,29 @@ def resolve_chain(
     )
 
 
+DEFAULT_NUM = 64
+"""Images per call of :func:`generate_images` / :func:`write_samples` unless ``num`` is given."""
+
+
+class SampleOptions(TypedDict, total=False):
+    """The keywords :func:`write_samples` hands on to :func:`generate_images` (defaults there)."""
+
+    num: int
+    seed: int
+    sampler: str | None
+    spacing: str | None
+    eta: float | None
+    batch_size: int
+    device: str | torch.device
+    show_progress: bool
+    chain: ChainSpec | None
+
+
 def generate_images(
     model: str | os.PathLike[str] | Denoiser,
     timesteps: int | None = None,
     *,
-    num: int = 64,
+    num: int = DEFAULT_NUM,
     seed: int = 0,
     sampler: str | None = None,
     spacing: str | None = None,
@@ -342,30 +362,15 @@ def write_samples(
     out: str | os.PathLike[str],
     timesteps: int | None = None,
     *,
-    num: int = 64,
-    seed: int = 0,
-    sampler: str | None = None,
-    spacing: str | None = None,
-    eta: float | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    show_progress: bool = False,
     grid_scale: int = 1,
-    chain: ChainSpec | None = None,
+    **options: Unpack[SampleOptions],
 ) -> Path:
-    """Sample ``num`` images and write them to ``out`` as a grid, an ``.npz`` or a PNG directory."""
+    """Sample ``num`` images and write them to ``out`` as a grid, an ``.npz`` or a PNG directory.
+
+    ``options`` are :func:`generate_images`'s keywords (``num``, ``seed``, ``sampler``, ...), passed on as given.
+    """
     kind = output_kind(out)
-    common: dict[str, Any] = dict(
-        num=num,
-        seed=seed,
-        sampler=sampler,
-        spacing=spacing,
-        eta=eta,
-        batch_size=batch_size,
-        device=device,
-        show_progress=show_progress,
-        chain=chain,
-    )
+    num = options.get("num", DEFAULT_NUM)
     if kind == "dir":
         directory = Path(out)
         directory.mkdir(parents=True, exist_ok=True)
@@ -375,9 +380,9 @@ def write_samples(
             for j, img in enumerate(to_uint8(x)):
                 save_png(img, directory / f"{start + j:0{width}d}.png")
 
-        generate_images(model, timesteps, on_batch=write_batch, **common)
+        generate_images(model, timesteps, on_batch=write_batch, **options)
         return directory
-    images = generate_images(model, timesteps, **common)
+    images = generate_images(model, timesteps, **options)
     assert images is not None
     if kind == "npz":
         return save_npz(_rgb_uint8(images), out)
