@@ -91,12 +91,24 @@ def chain_from_state(state: dict[str, Any], scheduler_config: dict[str, Any] | N
         return ChainSpec.from_dict(state["chain"])
     if "timesteps" not in state:
         return None
-    spacing = state.get("spacing")
-    return ChainSpec.resolve(  # checkpoints written before the chain was recorded
-        sampler=state.get("sampler") or "ddim",
-        timesteps=int(state["timesteps"]),
+    return plain_chain(  # checkpoints written before the chain was recorded
+        state.get("sampler") or "ddim",
+        int(state["timesteps"]),
+        state.get("spacing"),
+        float(state.get("eta") or 0.0),
+        scheduler_config,
+    )
+
+
+def plain_chain(
+    sampler: str, timesteps: int, spacing: str | None, eta: float, scheduler_config: dict[str, Any] | None
+) -> ChainSpec:
+    """A chain from its sampler settings alone: clipping as the model's scheduler config says, final clamp on."""
+    return ChainSpec.resolve(
+        sampler=sampler,
+        timesteps=timesteps,
         spacing=spacing,
-        eta=float(state.get("eta") or 0.0),
+        eta=eta,
         clip_sample=None,
         clip_sample_range=None,
         final_clamp=True,
@@ -247,16 +259,7 @@ def resolve_chain(
         return dataclasses.replace(recorded, **changes)
     if timesteps is None:
         raise ValueError("timesteps: required (the model records no chain)")
-    return ChainSpec.resolve(
-        sampler=sampler or "ddim",
-        timesteps=int(timesteps),
-        spacing=spacing,
-        eta=float(eta or 0.0),
-        clip_sample=None,
-        clip_sample_range=None,
-        final_clamp=True,
-        scheduler_config=den.scheduler_config,
-    )
+    return plain_chain(sampler or "ddim", int(timesteps), spacing, float(eta or 0.0), den.scheduler_config)
 
 
 DEFAULT_NUM = 64
