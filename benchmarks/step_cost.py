@@ -31,32 +31,21 @@ def _rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-CIFAR10_UNET = {
-    # the architecture of google/ddpm-cifar10-32 (35.7M parameters), randomly initialised:
-    # step time and memory do not depend on the weights
-    "sample_size": 32,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [128, 256, 256, 256],
-    "layers_per_block": 2,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 32,
-    "attention_head_dim": None,
-}
-
-
 def cifar10_arch_overrides(work: Path) -> dict:
     """Write a random-weight UNet with the CIFAR-10 DDPM architecture and point the experiment at it."""
     import torch
     from diffusers import UNet2DModel
 
     from mmdsweep.assets.models import save_denoiser, scheduler_config_for
+    from mmdsweep.train.memory import KNOWN_UNET_CONFIGS
 
+    # the architecture of google/ddpm-cifar10-32 (35.7M parameters), randomly initialised:
+    # step time and memory do not depend on the weights
     d = work / "cifar10-arch-unet"
     if not (d / "unet").is_dir():
         torch.manual_seed(0)
-        save_denoiser(d, UNet2DModel(**CIFAR10_UNET), scheduler_config_for(1000, "linear", 1e-4, 0.02))
+        unet = UNet2DModel.from_config(KNOWN_UNET_CONFIGS["google/ddpm-cifar10-32"])
+        save_denoiser(d, unet, scheduler_config_for(1000, "linear", 1e-4, 0.02))
     return {"model.source": "diffusers", "model.path": str(d), "data.resolution": 32, "data.channels": 3}
 
 

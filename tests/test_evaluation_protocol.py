@@ -137,15 +137,19 @@ def test_final_protocol_and_cached_baselines(
     src = comp.resolve_model_source(exp)
     ev_final = ev.build_final_evaluator(exp, 1, torch.device("cpu"))
     assert ev_final.reference_name == "digits:heldout" and ev_final.num_samples == 12
-    rows = ev.baseline_rows(
-        exp,
-        src.model_dir,
-        [2],
-        ev_final,
-        samplers=("ddim", "unipc"),
-        spacings=("leading", "trailing"),
-        cache_dir=tmp_path / "cache",
-    )
+
+    def baselines() -> list[dict[str, Any]]:
+        return ev.baseline_rows(
+            exp,
+            src.model_dir,
+            [2],
+            ev_final,
+            samplers=("ddim", "unipc"),
+            spacings=("leading", "trailing"),
+            cache_dir=tmp_path / "cache",
+        )
+
+    rows = baselines()
     assert {(r["sampler"], r["spacing"], r["seed"]) for r in rows} == {
         (a, b, s) for a in ("ddim", "unipc") for b in ("leading", "trailing") for s in (7, 8, 9)
     }
@@ -159,15 +163,7 @@ def test_final_protocol_and_cached_baselines(
     monkeypatch.setattr(
         ev, "final_rows_for_model", lambda *a, **k: pytest.fail("recomputed a cached baseline")
     )
-    again = ev.baseline_rows(
-        exp,
-        src.model_dir,
-        [2],
-        ev_final,
-        samplers=("ddim", "unipc"),
-        spacings=("leading", "trailing"),
-        cache_dir=tmp_path / "cache",
-    )
+    again = baselines()
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
 
 

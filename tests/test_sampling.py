@@ -30,6 +30,7 @@ from typing import Any
 import diffusers
 import pytest
 import torch
+from realscale_fixture import CIFAR10_SCHEDULER_CONFIG
 from torch import Tensor
 
 from mmdsweep.core.sampling import (
@@ -57,18 +58,8 @@ pytestmark = [
     pytest.mark.threads,  # scripts/test.sh runs these with 1 and 2 torch threads
 ]
 N = 1000
-# scheduler_config.json of google/ddpm-cifar10-32 (the model MMD-DDM fine-tunes), written out inline
-DDPM_CIFAR10_CONFIG: dict[str, Any] = {
-    "_class_name": "DDPMScheduler",
-    "_diffusers_version": "0.1.1",
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "clip_sample": True,
-    "num_train_timesteps": 1000,
-    "trained_betas": None,
-    "variance_type": "fixed_large",
-}
+# scheduler_config.json of google/ddpm-cifar10-32 (the model MMD-DDM fine-tunes)
+DDPM_CIFAR10_CONFIG: dict[str, Any] = CIFAR10_SCHEDULER_CONFIG
 
 
 @pytest.fixture(scope="module")

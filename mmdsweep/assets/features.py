@@ -35,6 +35,7 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -281,6 +282,66 @@ def weights_fingerprint(path: str | os.PathLike[str]) -> str:
     return f"{size}-{digest.hexdigest()[:16]}"
 
 
+@dataclass(frozen=True)
+class _ResolvedSpace:
+    """A feature-space name resolved to its weights file, before any network is loaded.
+
+    The one place :func:`feature_space_id` and :func:`build_feature_space` turn their shared
+    arguments into weights, so the identifier always names what the builder loads.
+    """
+
+    kind: str  # "inception", "clip", "classifier" or "torchvision"
+    file: Path  # the weights file
+    resize: int | None  # the caller's ``resize``, as given
+    arch: str = ""  # CLIP / torchvision architecture
+    pretrained: str | None = None  # CLIP: the caller's ``clip_pretrained``
+    source: str = ""  # CLIP: the pretrained tag, or ``"file"``
+    weights: Any = None  # torchvision: the weights enum member
+    torch_home: str | None = None  # torchvision: the hub cache root
+
+    @property
+    def size(self) -> int:
+        """torchvision input size: ``resize``, else the weights' own crop size."""
+        return self.resize if self.resize is not None else _default_size(self.weights)
+
+    def ident(self) -> str:
+        """The stable identifier (see :func:`feature_space_id`)."""
+        fingerprint = weights_fingerprint(self.file)
+        if self.kind == "inception":
+            return f"inception:{fingerprint}"
+        if self.kind == "clip":
+            return f"clip:{self.arch}:{self.source}:{fingerprint}"
+        if self.kind == "classifier":
+            suffix = "" if self.resize is None else f"@{self.resize}"
+            return f"classifier:{fingerprint}{suffix}"
+        return f"torchvision:{self.arch}:{self.weights}:{fingerprint}@{self.size}"
+
+
+def _resolve_space(
+    name: str,
+    inception_path: str | None,
+    clip_arch: str,
+    clip_pretrained: str | None,
+    classifier_path: str | None,
+    torch_home: str | None,
+    resize: int | None,
+) -> _ResolvedSpace:
+    """Check the arguments and find the weights file; raises like :func:`build_feature_space`."""
+    kind, spec = _parse_name(name)
+    if kind == "inception":
+        _check_fixed_size("inception", resize, INCEPTION_SIZE)
+        return _ResolvedSpace(kind, _inception_file(inception_path), resize)
+    if kind == "clip":
+        source, file = _resolve_clip_weights(clip_arch, clip_pretrained)
+        return _ResolvedSpace(kind, file, resize, arch=clip_arch, pretrained=clip_pretrained, source=source)
+    if kind == "classifier":
+        return _ResolvedSpace(kind, _classifier_file(classifier_path), resize)
+    assert spec is not None
+    arch, weights = _resolve_torchvision_weights(spec, torch_home)
+    file = torchvision_weights_path(weights, torch_home)
+    return _ResolvedSpace(kind, file, resize, arch=arch, weights=weights, torch_home=torch_home)
+
+
 def feature_space_id(
     name: str,
     *,
@@ -297,21 +358,10 @@ def feature_space_id(
     Takes the arguments of :func:`build_feature_space` (``device`` is ignored) and resolves the
     same weights file, without loading any network. Raises MissingWeightsError like the builder.
     """
-    kind, spec = _parse_name(name)
-    if kind == "inception":
-        _check_fixed_size("inception", resize, INCEPTION_SIZE)
-        return f"inception:{weights_fingerprint(_inception_file(inception_path))}"
-    if kind == "clip":
-        source, file = _resolve_clip_weights(clip_arch, clip_pretrained)
-        return f"clip:{clip_arch}:{source}:{weights_fingerprint(file)}"
-    if kind == "classifier":
-        file = _classifier_file(classifier_path)
-        suffix = "" if resize is None else f"@{resize}"
-        return f"classifier:{weights_fingerprint(file)}{suffix}"
-    assert spec is not None
-    arch, weights = _resolve_torchvision_weights(spec, torch_home)
-    size = resize if resize is not None else _default_size(weights)
-    return f"torchvision:{arch}:{weights}:{weights_fingerprint(torchvision_weights_path(weights, torch_home))}@{size}"
+    del device
+    return _resolve_space(
+        name, inception_path, clip_arch, clip_pretrained, classifier_path, torch_home, resize
+    ).ident()
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,18 +388,18 @@ def build_feature_space(
     ``torch_home`` overrides ``$TORCH_HOME`` for torchvision weights; ``resize`` the network input
     size for torchvision and the classifier (inception and CLIP have fixed sizes).
     """
-    kind, spec = _parse_name(name)
-    if kind == "inception":
-        _check_fixed_size("inception", resize, INCEPTION_SIZE)
-        space: FeatureSpace = _build_inception(_inception_file(inception_path), device)
-    elif kind == "clip":
-        space = _build_clip(clip_arch, clip_pretrained, resize)
-    elif kind == "classifier":
-        model = load_classifier(_classifier_file(classifier_path))
+    resolved = _resolve_space(
+        name, inception_path, clip_arch, clip_pretrained, classifier_path, torch_home, resize
+    )
+    if resolved.kind == "inception":
+        space: FeatureSpace = _build_inception(resolved.file, device)
+    elif resolved.kind == "clip":
+        space = _build_clip(resolved)
+    elif resolved.kind == "classifier":
+        model = load_classifier(resolved.file)
         space = ClassifierFeatures(model, resize or model.resolution)
     else:
-        assert spec is not None
-        space = _build_torchvision(spec, torch_home, resize)
+        space = _build_torchvision(resolved)
     return space.to(device).freeze()
 
 
@@ -476,13 +526,13 @@ def _hf_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = previous_env
 
 
-def _build_clip(arch: str, pretrained: str | None, resize: int | None) -> ClipFeatures:
+def _build_clip(resolved: _ResolvedSpace) -> ClipFeatures:
     """Create the open_clip model offline and wrap its image encoder."""
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
 
-    source, file = _resolve_clip_weights(arch, pretrained)
-    weights = pretrained if source != "file" else str(file)
+    arch, pretrained, resize = resolved.arch, resolved.pretrained, resolved.resize
+    weights = resolved.source if resolved.source != "file" else str(resolved.file)
     with _hf_offline():
         try:
             model = open_clip.create_model(arch, pretrained=weights, device="cpu")
@@ -594,19 +644,18 @@ def _strip_head(model: nn.Module, arch: str) -> int:
     raise ValueError(f"torchvision:{arch}: no Linear classification head found to take features before")
 
 
-def _build_torchvision(spec: str, torch_home: str | None, resize: int | None) -> TorchvisionFeatures:
+def _build_torchvision(resolved: _ResolvedSpace) -> TorchvisionFeatures:
     """Build a torchvision classifier from the hub cache and cut off its head."""
     from torchvision.models import get_model
 
-    arch, weights = _resolve_torchvision_weights(spec, torch_home)
+    arch, weights = resolved.arch, resolved.weights
     # The file is known to exist, so torch hub loads it from the cache and never downloads.
-    with _torch_hub_at(_hub_dir(torch_home)):
+    with _torch_hub_at(_hub_dir(resolved.torch_home)):
         model = get_model(arch, weights=weights, progress=False)
     dim = _strip_head(model, arch)
     transforms = weights.transforms()
-    size = resize if resize is not None else _default_size(weights)
     return TorchvisionFeatures(
-        f"{_TORCHVISION_PREFIX}{arch}", model, dim, size, transforms.mean, transforms.std
+        f"{_TORCHVISION_PREFIX}{arch}", model, dim, resolved.size, transforms.mean, transforms.std
     )
 
 

@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ from mmdsweep.core.sampling import ChainSpec, NoiseSchedule, run_chain
 from mmdsweep.utils import atomic_write_bytes, progress, resolve_device, save_grid, to_uint8
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from mmdsweep.assets.models import Denoiser
     from mmdsweep.config import Experiment
 
@@ -89,12 +91,24 @@ def chain_from_state(state: dict[str, Any], scheduler_config: dict[str, Any] | N
         return ChainSpec.from_dict(state["chain"])
     if "timesteps" not in state:
         return None
-    spacing = state.get("spacing")
-    return ChainSpec.resolve(  # checkpoints written before the chain was recorded
-        sampler=state.get("sampler") or "ddim",
-        timesteps=int(state["timesteps"]),
+    return plain_chain(  # checkpoints written before the chain was recorded
+        state.get("sampler") or "ddim",
+        int(state["timesteps"]),
+        state.get("spacing"),
+        float(state.get("eta") or 0.0),
+        scheduler_config,
+    )
+
+
+def plain_chain(
+    sampler: str, timesteps: int, spacing: str | None, eta: float, scheduler_config: dict[str, Any] | None
+) -> ChainSpec:
+    """A chain from its sampler settings alone: clipping as the model's scheduler config says, final clamp on."""
+    return ChainSpec.resolve(
+        sampler=sampler,
+        timesteps=timesteps,
         spacing=spacing,
-        eta=float(state.get("eta") or 0.0),
+        eta=eta,
         clip_sample=None,
         clip_sample_range=None,
         final_clamp=True,
@@ -250,23 +264,32 @@ def resolve_chain(
         return dataclasses.replace(recorded, **changes)
     if timesteps is None:
         raise ValueError("timesteps: required (the model records no chain)")
-    return ChainSpec.resolve(
-        sampler=sampler or "ddim",
-        timesteps=int(timesteps),
-        spacing=spacing,
-        eta=float(eta or 0.0),
-        clip_sample=None,
-        clip_sample_range=None,
-        final_clamp=True,
-        scheduler_config=den.scheduler_config,
-    )
+    return plain_chain(sampler or "ddim", int(timesteps), spacing, float(eta or 0.0), den.scheduler_config)
+
+
+DEFAULT_NUM = 64
+"""Images per call of :func:`generate_images` / :func:`write_samples` unless ``num`` is given."""
+
+
+class SampleOptions(TypedDict, total=False):
+    """The keywords :func:`write_samples` hands on to :func:`generate_images` (defaults there)."""
+
+    num: int
+    seed: int
+    sampler: str | None
+    spacing: str | None
+    eta: float | None
+    batch_size: int
+    device: str | torch.device
+    show_progress: bool
+    chain: ChainSpec | None
 
 
 def generate_images(
     model: str | os.PathLike[str] | Denoiser,
     timesteps: int | None = None,
     *,
-    num: int = 64,
+    num: int = DEFAULT_NUM,
     seed: int = 0,
     sampler: str | None = None,
     spacing: str | None = None,
@@ -347,30 +370,15 @@ def write_samples(
     out: str | os.PathLike[str],
     timesteps: int | None = None,
     *,
-    num: int = 64,
-    seed: int = 0,
-    sampler: str | None = None,
-    spacing: str | None = None,
-    eta: float | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    show_progress: bool = False,
     grid_scale: int = 1,
-    chain: ChainSpec | None = None,
+    **options: Unpack[SampleOptions],
 ) -> Path:
-    """Sample ``num`` images and write them to ``out`` as a grid, an ``.npz`` or a PNG directory."""
+    """Sample ``num`` images and write them to ``out`` as a grid, an ``.npz`` or a PNG directory.
+
+    ``options`` are :func:`generate_images`'s keywords (``num``, ``seed``, ``sampler``, ...), passed on as given.
+    """
     kind = output_kind(out)
-    common: dict[str, Any] = dict(
-        num=num,
-        seed=seed,
-        sampler=sampler,
-        spacing=spacing,
-        eta=eta,
-        batch_size=batch_size,
-        device=device,
-        show_progress=show_progress,
-        chain=chain,
-    )
+    num = options.get("num", DEFAULT_NUM)
     if kind == "dir":
         directory = Path(out)
         directory.mkdir(parents=True, exist_ok=True)
@@ -380,9 +388,9 @@ def write_samples(
             for j, img in enumerate(to_uint8(x)):
                 save_png(img, directory / f"{start + j:0{width}d}.png")
 
-        generate_images(model, timesteps, on_batch=write_batch, **common)
+        generate_images(model, timesteps, on_batch=write_batch, **options)
         return directory
-    images = generate_images(model, timesteps, **common)
+    images = generate_images(model, timesteps, **options)
     assert images is not None
     if kind == "npz":
         return save_npz(_rgb_uint8(images), out)

@@ -30,7 +30,7 @@ import torch
 
 from mmdsweep.core.dtypes import DTYPES
 from mmdsweep.core.sampling import SAMPLERS, ChainSpec
-from mmdsweep.inference.generate import fail, generate, prepare_model
+from mmdsweep.inference.generate import fail, generate, plain_chain, prepare_model
 from mmdsweep.results.layout import SweepLayout, export_name
 from mmdsweep.results.reader import model_dirs, read_sweep_meta
 from mmdsweep.results.speed import (  # noqa: F401  (the table's names stay importable from here)
@@ -115,16 +115,7 @@ def measure_sampling_speed(
     )
     rows: list[dict[str, Any]] = []
     for T in ts_list:
-        chain = ChainSpec.resolve(
-            sampler=sampler,
-            timesteps=T,
-            spacing=spacing,
-            eta=eta,
-            clip_sample=None,
-            clip_sample_range=None,
-            final_clamp=True,
-            scheduler_config=den.scheduler_config,
-        )
+        chain = plain_chain(sampler, T, spacing, eta, den.scheduler_config)
 
         def run(n: int, chain: ChainSpec = chain) -> float:
             # the one generation loop; it times the chain only (noise generation is not timed)

@@ -56,25 +56,35 @@ class ParquetResultsCallback(Callback):
     ) -> None:
         if flush_seconds is None:  # an operator's knob: fresher parts for a live dashboard
             flush_seconds = float(os.environ.get(FLUSH_SECONDS_ENV, "10"))
-        self._config: dict[str, Any] = {
-            "out_dir": str(out_dir),
-            "sweep_id": sweep_id,
-            "param_types": dict(param_types),
-            "experiment_name": experiment_name,
-            "flush_every": flush_every,
-            "flush_seconds": flush_seconds,
-        }
-        self._open()
+        self._open(
+            {
+                "out_dir": out_dir,
+                "sweep_id": sweep_id,
+                "param_types": param_types,
+                "experiment_name": experiment_name,
+                "flush_every": flush_every,
+                "flush_seconds": flush_seconds,
+            }
+        )
 
-    def _open(self) -> None:
-        c: dict[str, Any] = self._config
+    def _open(self, config: Mapping[str, Any]) -> None:
+        """Keep ``config`` (normalised; the flush settings default as in schema-1 pickles) and open the writer."""
+        c: dict[str, Any] = {
+            "out_dir": str(config["out_dir"]),
+            "sweep_id": config["sweep_id"],
+            "param_types": dict(config["param_types"]),
+            "experiment_name": config["experiment_name"],
+            "flush_every": config.get("flush_every", 1000),
+            "flush_seconds": config.get("flush_seconds", 10.0),
+        }
+        self._config = c
         self.writer = ResultsWriter(
             c["out_dir"],
             c["sweep_id"],
             c["param_types"],
             c["experiment_name"],
-            flush_every=c.get("flush_every", 1000),
-            flush_seconds=c.get("flush_seconds", 10.0),
+            flush_every=c["flush_every"],
+            flush_seconds=c["flush_seconds"],
         )
 
     # ---- pickling (Tuner stores callbacks in tuner.pkl) --------------------
@@ -85,15 +95,7 @@ class ParquetResultsCallback(Callback):
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         """Restore the configuration and reopen the results directory (schema-1 pickles too)."""
-        self._config = {
-            "out_dir": str(state["out_dir"]),
-            "sweep_id": state["sweep_id"],
-            "param_types": dict(state["param_types"]),
-            "experiment_name": state["experiment_name"],
-            "flush_every": state.get("flush_every", 1000),
-            "flush_seconds": state.get("flush_seconds", 10.0),
-        }
-        self._open()
+        self._open(state)
 
     @property
     def out_dir(self) -> Path:

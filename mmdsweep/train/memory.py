@@ -73,30 +73,33 @@ FEATURE_PARAMS_M: dict[str, float] = {
     "classifier": 0.1,
 }
 
+#: what the google/ddpm-* UNet configs share
+_DDPM_UNET_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "attention_head_dim": None,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-06,
+}
+
 #: the UNet configs of the Hub models used by the real-scale experiments (copied from their
 #: ``unet/config.json``), so that an estimate needs no download
 KNOWN_UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "google/ddpm-cifar10-32": {
+        **_DDPM_UNET_CONFIG,
         "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
         "block_out_channels": [128, 256, 256, 256],
-        "layers_per_block": 2,
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-        "norm_num_groups": 32,
-        "attention_head_dim": None,
-        "downsample_padding": 0,
-        "flip_sin_to_cos": False,
-        "freq_shift": 1,
-        "norm_eps": 1e-06,
     },
     "google/ddpm-ema-church-256": {
+        **_DDPM_UNET_CONFIG,
         "sample_size": 256,
-        "in_channels": 3,
-        "out_channels": 3,
         "block_out_channels": [128, 128, 256, 256, 512, 512],
-        "layers_per_block": 2,
         "down_block_types": [
             "DownBlock2D",
             "DownBlock2D",
@@ -106,12 +109,6 @@ KNOWN_UNET_CONFIGS: dict[str, dict[str, Any]] = {
             "DownBlock2D",
         ],
         "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
-        "norm_num_groups": 32,
-        "attention_head_dim": None,
-        "downsample_padding": 0,
-        "flip_sin_to_cos": False,
-        "freq_shift": 1,
-        "norm_eps": 1e-06,
     },
 }
 KNOWN_UNET_CONFIGS["google/ddpm-church-256"] = KNOWN_UNET_CONFIGS["google/ddpm-ema-church-256"]
