@@ -170,6 +170,22 @@ def test_five_paths_produce_the_same_images(
     grid = chain.timestep_grid(setup.denoiser.schedule.num_train_timesteps)
     loop.mmd_loss(setup, setup.denoiser.unet, 0, grid, loop.kernel_spec(exp_b), 4)
     trained = captured[0]
+    # 4b. the learned-grid training chain (finetune.train: timesteps | both; DDIM and DPM-Solver++(2M)) at its
+    #     initial grid: the same clipping (the chain's clip_sample) and final clamp as every other path
+    learned = None
+    if sampler in ("ddim", "dpmpp_2m"):
+        from mmdsweep.core.timegrid import TimeGrid
+
+        n_train = setup.denoiser.schedule.num_train_timesteps
+        loop.mmd_loss(
+            setup,
+            setup.denoiser.unet,
+            0,
+            TimeGrid([float(t) for t in grid], n_train),
+            loop.kernel_spec(exp_b),
+            4,
+        )
+        learned = captured[1]
 
     # 5. the exported diffusers pipeline, driven with the same noise
     pipe_dir = export_pipeline(ckpt, tmp_path / "pipe")
@@ -190,6 +206,7 @@ def test_five_paths_produce_the_same_images(
         ("evaluate", evaluated, TOL),
         ("loss", trained, TOL),
         ("export", exported, TOL * scale),
+        *((("learned-grid loss", learned, TOL),) if learned is not None else ()),
     ):
         assert x.shape == sampled.shape, name
         assert float((x - sampled).abs().max()) <= tol, (name, float((x - sampled).abs().max()), tol)

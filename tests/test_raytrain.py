@@ -526,3 +526,44 @@ def test_driver_sigkill_then_resume_runs_every_trial_once(no_ray: None, tmp_path
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_progress_table_survives_conditional_parameters() -> None:
+    """A trial without a conditional parameter (``kernel.bandwidth`` of a polynomial-kernel trial) used to end the
+    sweep: Ray 2.60's "Current best trial" line looks every parameter column up without a default (KeyError). Our
+    reporter prints the table with an empty cell instead."""
+    from ray.tune import CLIReporter
+    from ray.tune.experiment import Trial
+
+    from mmdsweep.sweep.raytrain import progress_reporter
+
+    class StubTrial(Trial):  # type: ignore[misc]
+        local_experiment_path = "/tmp/sweep"  # no storage: the table only needs these two
+        local_path = None
+
+    def trial(cfg: dict[str, object], fid: float) -> Trial:
+        t = StubTrial("fn", config=cfg, stub=True)
+        t.run_metadata.last_result = {"fid": fid, "config": cfg, "training_iteration": 1}
+        return t
+
+    trials = [
+        trial({"kernel.type": "rbf", "kernel.bandwidth": 0.5}, 2.0),
+        trial({"kernel.type": "polynomial"}, 1.0),
+    ]
+    columns = ["kernel.type", "kernel.bandwidth"]
+    text = progress_reporter(columns, ["fid"], ["min"])._progress_str(trials, False)
+    lines = [line for line in text.splitlines() if "polynomial" in line or "rbf" in line]
+    assert len(lines) == 2
+    poly = next(line for line in lines if "polynomial" in line)
+    assert [c.strip() for c in poly.split("|")][
+        5
+    ] == ""  # the bandwidth cell of the polynomial trial is empty
+    stock = CLIReporter(
+        parameter_columns=columns,
+        metric_columns={"fid": "fid"},
+        sort_by_metric=True,
+        metric="fid",
+        mode="min",
+    )
+    with pytest.raises(KeyError):  # what the sweep died of
+        stock._progress_str(trials, False)

@@ -183,9 +183,19 @@ def progress_reporter(param_keys: Sequence[str], metrics: Sequence[str], modes: 
     """
     from ray.tune import CLIReporter
 
+    class _Reporter(CLIReporter):  # type: ignore[misc]
+        """CLIReporter without its "Current best trial: ... parameters={...}" line: Ray 2.60 looks every
+        parameter column up in the best trial's config without a default, so a conditional parameter the
+        best trial does not have (``kernel.bandwidth`` of a polynomial-kernel trial, ``finetune.lr`` of a
+        timesteps-only trial) raised KeyError and ended the sweep. The table (sorted by the objective, the
+        best first) shows the same, with an empty cell for a parameter a trial does not have."""
+
+        def _current_best_trial(self, trials: Any) -> tuple[None, None]:
+            return None, None
+
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     columns = {"training_iteration": "evals"} | {m: m for m in metrics if m != "timesteps"}
-    return CLIReporter(
+    return _Reporter(
         parameter_columns=list(dict.fromkeys(param_keys)),
         metric_columns=columns,
         max_report_frequency=30,

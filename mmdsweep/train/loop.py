@@ -402,7 +402,7 @@ def generate_features(
         x0 = sample_continuous(
             eps,
             x_T.to(dtype),
-            den.schedule,
+            chain0.schedule_for(den.schedule),  # the chain's clip_sample (sampler.clip_sample or the model's)
             timesteps.grid(),
             sampler=sc.name,
             checkpointing=sc.checkpointing,
