@@ -82,7 +82,7 @@ def test_fid_warns_with_number_of_samples_when_too_few() -> None:
     stats = ReferenceStats.from_feats("r", ref[:12])
     with pytest.warns(MetricWarning, match=r"only 12 reference samples"):
         fid(_feats(200, 16, seed=9), stats, check_imag=False)
-    with pytest.warns(MetricWarning, match=r"only 100 generated samples .*need >= 150; FID is biased"):
+    with pytest.warns(MetricWarning, match=r"only 100 generated samples .*need >= 150: FID is biased"):
         fid(_feats(100, 16, seed=9), ref, min_samples=150)
 
 

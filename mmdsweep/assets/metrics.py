@@ -352,7 +352,7 @@ def _warn_few_samples(n: int, d: int, which: str, min_samples: int | None) -> No
             else "FID is biased upwards at small n"
         )
         warnings.warn(
-            f"fid: only {n} {which} samples for {d}-dim features (need >= {need}; {why}), "
+            f"fid: only {n} {which} samples for {d}-dim features (need >= {need}: {why}), "
             "the FID is not comparable to full-sample values",
             MetricWarning,
             stacklevel=3,

@@ -48,7 +48,12 @@ def rows_from_results(
     for r in results:
         ch = r.chain
         for space, scores in r.per_space.items():
-            warns = [w.removeprefix(f"{space}: ") for w in r.warnings if w.startswith(f"{space}: ")]
+            # the column joins warnings with "; ": a warning's own "; " would split it when read back
+            warns = [
+                w.removeprefix(f"{space}: ").replace("; ", ", ")
+                for w in r.warnings
+                if w.startswith(f"{space}: ")
+            ]
             rows.append(
                 {
                     "kind": kind,
