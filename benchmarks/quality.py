@@ -107,6 +107,14 @@ def main() -> int:
             if have != want:
                 print(f"--include {path}: {key} skipped: protocol {have} != {want}", file=sys.stderr)
                 continue
+            pre = evaluator.preprocessing()
+            if key[1] not in pre or set(grp["preprocessing"]) != {pre[key[1]]}:
+                # the same space name at another input size (e.g. features.train_resize) is another space
+                print(
+                    f"--include {path}: {key} skipped: preprocessing {set(grp['preprocessing'])}",
+                    file=sys.stderr,
+                )
+                continue
             rows += [
                 {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                 for r in grp.to_dict("records")
@@ -130,7 +138,7 @@ def main() -> int:
         "",
         *[f"* {pre[s]}" for s in spaces],
         "",
-        f"Wall time: {elapsed:.0f} s on this machine (2 shared cores; cached baselines cost nothing).",
+        f"Wall time of this run: {elapsed:.0f} s (2 cores; cached baselines and included rows cost nothing).",
         "",
     ]
     for space in spaces:
@@ -154,7 +162,7 @@ def main() -> int:
                     lines.append(f"| {T} | {sampler} | " + " | ".join(cells) + " |")
             for _, r in s[(s["timesteps"] == T) & (s["kind"] == "model")].iterrows():
                 lines.append(
-                    f"| {T} | fine-tuned {r['sampler']} ({Path(str(r['model'])).parent.name}) | "
+                    f"| {T} | fine-tuned {r['sampler']} ({r['trial_id'] or Path(str(r['model'])).name}) | "
                     f"{_fmt(r['fid_mean'], r['fid_std'])} ({r['spacing']}) | | | |"
                 )
         warns = sorted({w for w in s["warnings"] if w})
