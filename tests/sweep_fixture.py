@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -195,16 +196,31 @@ def write_models(root: Path, results_dir: Path) -> Path:
     return base_dir
 
 
-def evaluation_rows(base_dir: str = "models/base") -> list[dict[str, Any]]:
-    """The rows of FINAL_FIDS in evaluation.parquet's schema (one per space x chain x seed)."""
+def evaluation_rows(
+    spec: dict[tuple[str, int, str, str], list[float]] | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    num_samples: int = FINAL_N,
+    base_dir: str = "models/base",
+    model_dir: str = "checkpoints",
+    kid: Callable[[float], float] = lambda fid: fid / 1000,
+    preprocessing: Callable[[str], str | None] = lambda space: f"{space}: resize 16->299 bilinear",
+    warnings: Callable[[str, str], str] = lambda space, kind: (
+        "inception: N=64 < 2048 features: FID biased" if space == "inception" else ""
+    ),
+) -> list[dict[str, Any]]:
+    """evaluation.parquet rows (one per space x chain x seed) from ``spec``: (space, T, kind, trial id or
+    "sampler/spacing") -> FID per seed (default: FINAL_FIDS with FINAL_SEEDS). Fine-tuned models are
+    ``<model_dir>/<trial id>`` with sampler ddim/uniform; baselines are ``base_dir``."""
     rows = []
-    for (space, T, kind, name), fids in FINAL_FIDS.items():
+    for (space, T, kind, name), fids in (FINAL_FIDS if spec is None else spec).items():
         sampler, spacing = ("ddim", "uniform") if kind == "model" else name.split("/")
-        for seed, fid in zip(FINAL_SEEDS, fids):
+        default_seeds = FINAL_SEEDS if spec is None else range(1, len(fids) + 1)
+        for seed, fid in zip(default_seeds if seeds is None else seeds, fids):
             rows.append(
                 {
                     "kind": kind,
-                    "model": f"checkpoints/{name}" if kind == "model" else base_dir,
+                    "model": f"{model_dir}/{name}" if kind == "model" else base_dir,
                     "trial_id": name if kind == "model" else None,
                     "sampler": sampler,
                     "spacing": spacing,
@@ -213,11 +229,11 @@ def evaluation_rows(base_dir: str = "models/base") -> list[dict[str, Any]]:
                     "protocol": "final",
                     "seed": seed,
                     "reference": FINAL_REFERENCE,
-                    "num_samples": FINAL_N,
+                    "num_samples": num_samples,
                     "fid": fid,
-                    "kid": fid / 1000,
-                    "preprocessing": f"{space}: resize 16->299 bilinear",
-                    "warnings": "inception: N=64 < 2048 features: FID biased" if space == "inception" else "",
+                    "kid": kid(fid),
+                    "preprocessing": preprocessing(space),
+                    "warnings": warnings(space, kind),
                 }
             )
     return rows
@@ -283,7 +299,7 @@ def build_sweep(
     if evaluation:
         from mmdsweep.results.evaluation import write_evaluation
 
-        write_evaluation(evaluation_rows(str(base_dir)), results_dir / "evaluation.parquet", append=False)
+        write_evaluation(evaluation_rows(base_dir=str(base_dir)), results_dir / "evaluation.parquet", append=False)
     meta: dict[str, Any] = {
         "sweep_id": sweep_id,
         "experiment_name": EXPERIMENT,

@@ -13,30 +13,17 @@ import pytest
 
 def _final_rows(spec: dict[tuple[str, int, str, str], list[float]]) -> list[dict[str, Any]]:
     """evaluation.parquet rows: (space, T, kind, trial id or sampler/spacing) -> FID per seed (1, 2, ...)."""
-    rows = []
-    for (space, T, kind, name), fids in spec.items():
-        sampler, spacing = ("ddim", "uniform") if kind == "model" else name.split("/")
-        for seed, fid in enumerate(fids, start=1):
-            rows.append(
-                {
-                    "kind": kind,
-                    "model": f"ckpt/{name}" if kind == "model" else "base",
-                    "trial_id": name if kind == "model" else None,
-                    "sampler": sampler,
-                    "spacing": spacing,
-                    "timesteps": T,
-                    "space": space,
-                    "protocol": "final",
-                    "seed": seed,
-                    "reference": "digits:heldout",
-                    "num_samples": 32,
-                    "fid": fid,
-                    "kid": fid / 100,
-                    "preprocessing": f"{space} 8->32",
-                    "warnings": "N small" if (space == "inception" and kind == "baseline") else "",
-                }
-            )
-    return rows
+    from sweep_fixture import evaluation_rows
+
+    return evaluation_rows(
+        spec,
+        num_samples=32,
+        base_dir="base",
+        model_dir="ckpt",
+        kid=lambda fid: fid / 100,
+        preprocessing=lambda space: f"{space} 8->32",
+        warnings=lambda space, kind: "N small" if (space == "inception" and kind == "baseline") else "",
+    )
 
 
 def test_final_comparison_known_numbers(tmp_path: Path) -> None:

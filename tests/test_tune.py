@@ -221,29 +221,17 @@ def _result_lines(sdir: Path) -> list[str]:
 
 
 def _eval_rows(spec: dict[tuple[str, int, str, str], list[float]]) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
-    for (space, T, kind, name), fids in spec.items():
-        sampler, spacing = ("ddim", "uniform") if kind == "model" else name.split("/")
-        for seed, fid in enumerate(fids, start=1):
-            rows.append(
-                {
-                    "kind": kind,
-                    "model": f"ckpt/{name}" if kind == "model" else "base",
-                    "trial_id": name if kind == "model" else None,
-                    "sampler": sampler,
-                    "spacing": spacing,
-                    "timesteps": T,
-                    "space": space,
-                    "protocol": "final",
-                    "seed": seed,
-                    "reference": "digits:heldout",
-                    "num_samples": 16,
-                    "fid": fid,
-                    "kid": 0.0,
-                    "warnings": "N=16 is small" if space == "inception" else "",
-                }
-            )
-    return rows
+    from sweep_fixture import evaluation_rows
+
+    return evaluation_rows(
+        spec,
+        num_samples=16,
+        base_dir="base",
+        model_dir="ckpt",
+        kid=lambda fid: 0.0,
+        preprocessing=lambda space: None,
+        warnings=lambda space, kind: "N=16 is small" if space == "inception" else "",
+    )
 
 
 def _trials(**cols: list[object]) -> pd.DataFrame:

@@ -130,6 +130,20 @@ def _join_unique(s: pd.Series) -> str:
     return "; ".join(sorted({str(w) for w in s if isinstance(w, str) and w}))
 
 
+SUMMARY_KEYS = (
+    "kind",
+    "model",
+    "trial_id",
+    "sampler",
+    "spacing",
+    "timesteps",
+    "space",
+    "reference",
+    "num_samples",
+)
+"""What identifies one scored chain in ``evaluation.parquet``: its rows differ only by ``seed``."""
+
+
 def summarize(rows: Sequence[dict[str, Any]] | pd.DataFrame) -> Any:
     """Mean +- std (ddof=1; NaN with one seed) over seeds per (kind, model, trial, sampler, spacing, T, space,
     reference, N).
@@ -141,17 +155,7 @@ def summarize(rows: Sequence[dict[str, Any]] | pd.DataFrame) -> Any:
     df = _frame(rows)
     if df.empty:
         return df
-    keys = [
-        "kind",
-        "model",
-        "trial_id",
-        "sampler",
-        "spacing",
-        "timesteps",
-        "space",
-        "reference",
-        "num_samples",
-    ]
+    keys = list(SUMMARY_KEYS)
     if "trial_id" not in df:
         df["trial_id"] = ""
     if "warnings" not in df:
@@ -287,17 +291,7 @@ def final_comparison(
         return pd.DataFrame(columns=FINAL_COMPARISON_COLUMNS)
     spaces = sorted(set(summary["space"]), key=lambda s: (s != primary_space, str(s)))
     per_seed: dict[tuple[Any, ...], dict[int, float]] = {}
-    ident = [
-        "kind",
-        "model",
-        "trial_id",
-        "sampler",
-        "spacing",
-        "timesteps",
-        "space",
-        "reference",
-        "num_samples",
-    ]
+    ident = list(SUMMARY_KEYS)
     flat = df.assign(trial_id=df["trial_id"].fillna("") if "trial_id" in df else "")
     for key, grp in flat.groupby(ident, dropna=False):
         per_seed[tuple(key)] = {int(sd): float(f) for sd, f in zip(grp["seed"], grp["fid"])}
