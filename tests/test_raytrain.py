@@ -528,7 +528,7 @@ def test_driver_sigkill_then_resume_runs_every_trial_once(no_ray: None, tmp_path
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
-def test_progress_table_survives_conditional_parameters() -> None:
+def test_progress_table_survives_conditional_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial without a conditional parameter (``kernel.bandwidth`` of a polynomial-kernel trial) used to end the
     sweep: Ray 2.60's "Current best trial" line looks every parameter column up without a default (KeyError). Our
     reporter prints the table with an empty cell instead."""
@@ -551,6 +551,10 @@ def test_progress_table_survives_conditional_parameters() -> None:
         trial({"kernel.type": "polynomial"}, 1.0),
     ]
     columns = ["kernel.type", "kernel.bandwidth"]
+    import ray.tune.utils.log as tune_log
+
+    # a quiet sweep earlier in the same process sets Tune's global verbosity to 0 (no table at all)
+    monkeypatch.setattr(tune_log, "verbosity", tune_log.Verbosity.V1_EXPERIMENT)
     text = progress_reporter(columns, ["fid"], ["min"])._progress_str(trials, False)
     lines = [line for line in text.splitlines() if "polynomial" in line or "rbf" in line]
     assert len(lines) == 2

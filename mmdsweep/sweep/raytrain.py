@@ -199,6 +199,7 @@ def progress_reporter(param_keys: Sequence[str], metrics: Sequence[str], modes: 
         parameter_columns=list(dict.fromkeys(param_keys)),
         metric_columns=columns,
         max_report_frequency=30,
+        print_intermediate_tables=True,  # not left to the global verbosity at construction time
         sort_by_metric=True,
         metric=metrics[0] if len(metrics) == 1 else None,
         mode=modes[0] if len(metrics) == 1 else None,
