@@ -299,7 +299,9 @@ def build_sweep(
     if evaluation:
         from mmdsweep.results.evaluation import write_evaluation
 
-        write_evaluation(evaluation_rows(base_dir=str(base_dir)), results_dir / "evaluation.parquet", append=False)
+        write_evaluation(
+            evaluation_rows(base_dir=str(base_dir)), results_dir / "evaluation.parquet", append=False
+        )
     meta: dict[str, Any] = {
         "sweep_id": sweep_id,
         "experiment_name": EXPERIMENT,
