@@ -22,9 +22,12 @@ def test_digits_experiment_loads_with_defaults() -> None:
     exp = load_experiment(ROOT / "experiments" / "digits.yaml")
     assert exp.name == "digits"
     assert exp.data.dataset == "digits"
-    assert exp.sampler.timesteps == 5
-    assert exp.finetune.lr == pytest.approx(2e-5)
-    assert exp.search.space["sampler.timesteps"] == {"choice": [5, 10]}
+    # every value the file sets arrives as written (compared with the raw YAML, not with a copy of it)
+    raw = yaml.safe_load((ROOT / "experiments" / "digits.yaml").read_text())
+    assert exp.sampler.timesteps == raw["sampler"]["timesteps"]
+    assert exp.finetune.lr == pytest.approx(float(raw["finetune"]["lr"]))
+    assert exp.finetune.train == raw["finetune"]["train"]
+    assert dict(exp.search.space) == raw["search"]["space"]
     # a default that the YAML does not set
     assert exp.eval.kid_subsets == 10
 
@@ -316,17 +319,19 @@ def test_bool_search_choice_is_accepted(tmp_path: Path) -> None:
     assert exp.with_overrides({"sampler.clip_sample": True}).sampler.clip_sample is True
 
 
-def test_check_timesteps_against() -> None:
+def test_check_timesteps_against(tmp_path: Path) -> None:
     from mmdsweep.config import check_timesteps_against
 
-    exp = load_experiment(ROOT / "experiments" / "digits.yaml")
+    doc = yaml.safe_load((ROOT / "experiments" / "digits.yaml").read_text())
+    doc["search"]["space"]["sampler.timesteps"] = {"choice": [5, 10]}
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    exp = load_experiment(path)
     check_timesteps_against(exp, 1000)
     with pytest.raises(ConfigError) as err:
         check_timesteps_against(exp, 8)  # the search space tries T = 10
     msg = str(err.value)
-    assert (
-        msg.startswith("experiments/digits.yaml: search.space.sampler.timesteps: ") or "digits.yaml: " in msg
-    )
+    assert msg.startswith(f"{path}: search.space.sampler.timesteps: ") or "digits.yaml: " in msg
     assert "must be <= the model's num_train_timesteps (8), got 10" in msg and "\n" not in msg
     with pytest.raises(
         ConfigError, match=r"sampler\.timesteps: must be <= the model's num_train_timesteps \(4\), got 5"

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -207,16 +208,29 @@ def _digits_text(out: Path) -> str:
     return text.replace("dir: results/digits", f"dir: {out}")
 
 
+def _edited(text: str, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """The digits experiment with one structural edit, re-dumped (robust to the file's values)."""
+    doc = yaml.safe_load(text)
+    edit(doc)
+    return yaml.safe_dump(doc, sort_keys=False).encode()
+
+
+def _rename(section: dict[str, Any], old: str, new: str) -> None:
+    section[new] = section.pop(old)
+
+
 BAD_FILES = {
-    "bad_value": lambda t: t.replace("lr: 2.0e-5", "lr: .inf").encode(),
-    "unknown_key": lambda t: t.replace("  grad_clip: 1.0", "  grad_clipp: 1.0").encode(),
-    "bad_search_value": lambda t: t.replace(
-        "finetune.lr: {loguniform: [5.0e-6, 4.0e-5], when: {finetune.train: [weights, both]}}",
-        "sampler.eta: {choice: [0, 2]}",
-    ).encode(),
-    "cycle": lambda t: t.replace(
-        "{choice: [polynomial, rbf]}", "{choice: [polynomial, rbf], when: {kernel.bandwidth: 1}}"
-    ).encode(),
+    "bad_value": lambda t: _edited(t, lambda d: d["finetune"].update(lr=float("inf"))),
+    "unknown_key": lambda t: _edited(t, lambda d: _rename(d["finetune"], "grad_clip", "grad_clipp")),
+    "bad_search_value": lambda t: _edited(
+        t, lambda d: d["search"]["space"].update({"sampler.eta": {"choice": [0, 2]}})
+    ),
+    "cycle": lambda t: _edited(
+        t,
+        lambda d: d["search"]["space"].update(
+            {"kernel.type": {"choice": ["polynomial", "rbf"], "when": {"kernel.bandwidth": 1}}}
+        ),
+    ),
     "not_utf8": lambda t: t.encode("utf-8") + b"name: \xff\xfe\n",
     "invalid_yaml": lambda t: (t + "data: [1, 2\n").encode(),
     "yaml_tag": lambda t: (t + "extra: !!python/object/apply:os.system ['echo hacked']\n").encode(),
