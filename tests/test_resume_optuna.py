@@ -6,12 +6,14 @@ One sweep of 3 tiny trials (one at a time, 3 reports each) is stopped four times
    is marked FAIL (before: exit 0, export, and the orphan clean-up FAILed the running trial,
    which the resume then hit with ``UpdateFinishedTrialError``);
 2. SIGKILL of the driver alone during a trial;
-3. SIGKILL right after a trial completes;
+3. SIGKILL of the driver and its local Ray (its process group) right after a trial completes, then a
+   plain start without ``--resume``, which must refuse (exit 2, naming ``--resume``);
 4. SIGKILL between trials (a moment after a completion);
 
 each followed by ``--resume``. At the end: every trial exactly once and completed, every report
 (steps 1-3 of each trial) in ``metrics.parquet``, the study's states agreeing with
-``trials.parquet`` (COMPLETE for each completed trial, FAIL only for orphans marked as such), no
+``trials.parquet`` (COMPLETE for each completed trial, FAIL only for orphans marked as such), the trials completed
+before the kills unchanged, no
 traceback in any output, and none of the killed drivers' Ray processes alive (checked by the
 pids and start times each driver recorded, and by its Ray session name).
 """
@@ -82,10 +84,14 @@ def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, ti
     raise AssertionError(f"timed out; output:\n{log.read_text()[-4000:]}")
 
 
-def _kill_driver(proc: subprocess.Popen[bytes], sdir: Path) -> dict[str, Any]:
-    """SIGKILL the driver only (its Ray processes are left behind, as after an OOM kill)."""
+def _kill_driver(proc: subprocess.Popen[bytes], sdir: Path, *, group: bool = False) -> dict[str, Any]:
+    """SIGKILL the driver only (its Ray processes are left behind, as after an OOM kill), or with
+    ``group`` its whole process group (the driver and the local Ray it started, as a preempted node)."""
     session = json.loads((sdir / "ray_session.json").read_text())
-    os.kill(proc.pid, signal.SIGKILL)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     return dict(session)
 
@@ -147,11 +153,25 @@ def test_interrupt_and_kills_then_resume_keep_the_optuna_study_true(tiny_root: P
     n = _reports(sdir)
     if _wait(lambda: _reports(sdir) > n and _completed(sdir) < 3, proc, log):
         killed.append(_kill_driver(proc, sdir))
-    # 3. SIGKILL right after a trial completes
+    # 3. SIGKILL of the driver and its local Ray (the process group) right after a trial completes;
+    #    then a plain start (no --resume) refuses to clobber the sweep, naming --resume
     proc = _start(p, log, "--resume")
     c = _completed(sdir)
     if _wait(lambda: _completed(sdir) > c, proc, log):
-        killed.append(_kill_driver(proc, sdir))
+        killed.append(_kill_driver(proc, sdir, group=True))
+        refused = subprocess.run(
+            [sys.executable, "-m", "mmdsweep.tune", str(p), "--quiet"],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            timeout=300,
+        )
+        assert refused.returncode == 2 and "--resume" in refused.stdout + refused.stderr, (
+            refused.stdout + refused.stderr
+        )
+    before = _frame(read_trials, sdir)
+    done_before = before[before["status"] == "completed"] if len(before) else before
+    assert len(done_before) >= 1
     # 4. SIGKILL between trials
     proc = _start(p, log, "--resume")
     c = _completed(sdir)
@@ -176,6 +196,10 @@ def test_interrupt_and_kills_then_resume_keep_the_optuna_study_true(tiny_root: P
     trials = read_trials(sdir)
     assert trials["trial_id"].is_unique and len(trials) == 3, trials[["trial_id", "status"]]
     assert (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+    # nothing completed before the kills was lost or changed by the resumes
+    now = trials.set_index("trial_id")
+    for _, row in done_before.iterrows():
+        assert now.loc[row["trial_id"], "best_fid"] == pytest.approx(row["best_fid"])
     metrics = read_metrics(sdir)
     assert not metrics.duplicated(subset=["trial_id", "step"]).any()
     for tid, group in metrics.groupby("trial_id"):
