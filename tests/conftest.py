@@ -116,11 +116,14 @@ def sweep_yaml(tiny_root: Path, out: Path, **search: object) -> Path:
     return p
 
 
-def run_tune_cli(args: list[str], *, quiet: bool = True) -> subprocess.Popen[str]:
-    """``python -m mmdsweep.tune ARGS [--quiet]`` in its own process group (so a test can kill it whole)."""
+def run_tune_cli(
+    args: list[str], *, quiet: bool = True, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``python -m mmdsweep.tune ARGS [--quiet]`` in its own process group (so a test can kill it whole);
+    ``env``: extra environment variables."""
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen(
         [sys.executable, "-m", "mmdsweep.tune", *args, *(["--quiet"] if quiet else [])],
@@ -132,12 +135,26 @@ def run_tune_cli(args: list[str], *, quiet: bool = True) -> subprocess.Popen[str
     )
 
 
+class SweepRun(tuple):  # type: ignore[type-arg]
+    """``(results dir, printed output)`` of the shared sweep, with what the live readers saw while it ran:
+    ``counts`` (reader name -> distinct reports seen, read after read) and ``failures`` (failed reads)."""
+
+    counts: dict[str, list[int]]
+    failures: list[str]
+
+
 @pytest.fixture(scope="session")
-def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
     """One real sweep (Optuna + ASHA + Ray Train, 4 trials, one diverging), shared by several tests.
 
-    Returns the sweep's results directory and what the CLI printed.
+    Returns the sweep's results directory and what the CLI printed. While it runs, every reader of
+    ``live_reading.readers`` reads its results in a loop (tests/test_live_readers.py checks them);
+    the results are flushed every 0.5 s so that the readers see the tables grow.
     """
+    import threading
+
+    from live_reading import read_while
+
     out = tmp_path_factory.mktemp("sweep")
     p = sweep_yaml(
         tiny_root,
@@ -149,10 +166,19 @@ def tiny_sweep(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
         seed=3,
         space=SWEEP_SPACE,
     )
-    proc = run_tune_cli([str(p)], quiet=False)  # with Tune's progress table
-    printed, _ = proc.communicate(timeout=1200)
-    assert proc.returncode == 0, printed[-4000:]
-    return out / "results" / "sweep", printed
+    sdir = out / "results" / "sweep"
+    # with Tune's progress table; parts flushed while trials run, not only at their end
+    proc = run_tune_cli([str(p)], quiet=False, env={"MMDSWEEP_RESULTS_FLUSH_SECONDS": "0.5"})
+    lines: list[str] = []
+    drain = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    drain.start()  # a full pipe would block the sweep
+    counts, failures = read_while(sdir, lambda: proc.poll() is None, pause=0.2)
+    drain.join(timeout=60)
+    printed = "".join(lines)
+    assert proc.wait(timeout=60) == 0, printed[-4000:]
+    run = SweepRun((sdir, printed))
+    run.counts, run.failures = counts, failures
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ The toy loop follows the per-worker contract of mmdsweep.sweep.raytrain: it gets
 reporter from the config, resumes from ``latest_checkpoint_dir()``, all-reduces
 its metrics and reports (with a checkpoint) on every rank each step.
 
-Ray sessions are shared between tests that fit a 2-CPU local Ray; the two-node
-test and the driver-kill test (which runs Ray in subprocesses) shut it down first.
+Ray sessions are shared between tests that fit a 2-CPU local Ray; the driver-kill test (which runs
+Ray in subprocesses) shuts it down first. Workers spread over two nodes: tests/test_tune.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import optuna
 import pytest
 import ray
 import torch
-import torch.distributed as dist
 
 from mmdsweep.sweep import raytrain as rt
 from mmdsweep.sweep.search import validate_space
@@ -61,17 +60,6 @@ def _trial_level(opts: dict[str, Any], trial_id: str, rank: int) -> int:
             mine.write_text(str(len(list(order_dir.iterdir()))))
         level = int(mine.read_text())
     return int(broadcast_object(level))
-
-
-def _node_metrics(world: int) -> dict[str, Any]:
-    """All ranks' Ray node ids, gathered so that rank 0's report carries them."""
-    node = ray.get_runtime_context().get_node_id()
-    nodes: list[Any] = [None] * world
-    if world > 1:
-        dist.all_gather_object(nodes, node)
-    else:
-        nodes = [node]
-    return {"n_nodes": len(set(nodes)), "nodes": ",".join(sorted(set(nodes)))}
 
 
 def _maybe_die(opts: dict[str, Any], rank: int, world: int, step: int) -> None:
@@ -114,8 +102,6 @@ def toy_loop(config: dict[str, Any]) -> None:
         opt.step()
         metrics: dict[str, Any] = all_reduce_metrics({"loss": loss.item(), "rank_metric": float(rank + step)})
         metrics.update(step=step, start_step=start, world_size=world, level=level)
-        if opts.get("gather_nodes"):
-            metrics.update(_node_metrics(world))
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 torch.save(
@@ -382,36 +368,6 @@ def test_killed_worker_resumes_from_checkpoint(local_ray: None, tmp_path: Path) 
 
 
 # --------------------------------------------------------------------------- own cluster shapes
-
-
-@pytest.mark.slow
-def test_two_node_cluster_places_workers_on_both_nodes(no_ray: None, tmp_path: Path) -> None:
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE, "include_dashboard": True},
-    )
-    try:
-        cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
-        rt.init_ray(address=cluster.address)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        trainable = _trainable(
-            tmp_path,
-            workers=2,
-            cpus_per_worker=0.5,
-            toy={"steps": 2, "gather_nodes": True},
-            placement_strategy="SPREAD",
-        )
-        grid = _sweep(trainable, tmp_path, "twonode")
-        result = grid[0]
-        assert result.error is None
-        assert _metrics(result)["n_nodes"] == 2
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        assert set(_metrics(result)["nodes"].split(",")) == alive
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 DRIVER_SCRIPT = """
