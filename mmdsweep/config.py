@@ -457,11 +457,20 @@ class SearchConfig:
     storage: Str | None = Field(default=None, description="Optuna storage URL (null: in memory)")
     max_concurrent_trials: Int | None = Field(default=None, ge=1, description="null: as resources allow")
     max_failures: Int = Field(default=2, ge=0, description="retries of a failed trial")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="trials to run first ({searched key: value}; keys left out are sampled), e.g. a known-good setting",
+    )
 
     @model_validator(mode="after")
     def _asha_single(self) -> SearchConfig:
         if self.scheduler == "asha" and len(self.objectives) > 1:
             _err("asha needs a single objective; use fifo for multi-objective searches", "scheduler")
+        if len(self.points_to_evaluate) > self.num_samples:
+            _err(
+                f"has {len(self.points_to_evaluate)} points, more than num_samples ({self.num_samples}) trials",
+                "points_to_evaluate",
+            )
         return self
 
 
@@ -1187,6 +1196,72 @@ def _check_branches(where: str, branches: list[SearchParam]) -> None:
                 raise ValueError(f"{where}: branches {a.optuna_name} and {b.optuna_name} may both apply")
 
 
+def points_to_optuna(
+    params: Sequence[SearchParam], points: Sequence[Any], where: str = "search.points_to_evaluate"
+) -> list[dict[str, Any]]:
+    """Translate warm-start points to the Optuna parameter names of their active branches.
+
+    Each point maps searched dotted keys to values (``{finetune.train: timesteps, kernel.type: polynomial}``);
+    keys left out are sampled as usual (Optuna's ``Study.enqueue_trial`` with a partial point). A value must
+    lie in its distribution (a listed choice; ``low <= v <= high`` on the ``step`` grid for ranges), and a
+    conditional key is allowed only where its ``when`` holds for the values the same point gives.
+
+    Returns one ``{optuna name: value}`` per point (the form ``OptunaSearch(points_to_evaluate=...)`` enqueues).
+    Raises ``ValueError`` naming the point and key, e.g.
+    ``search.points_to_evaluate[0].kernel.bandwidth: only searched when kernel.type in [rbf]; give that too``.
+    """
+    keys = {p.key for p in params}
+    out: list[dict[str, Any]] = []
+    for i, point in enumerate(points):
+        w = f"{where}[{i}]"
+        if not isinstance(point, Mapping) or not point:
+            raise ValueError(f"{w}: must be a non-empty mapping of searched key -> value, got {_show(point)}")
+        for key in point:
+            if key not in keys:
+                raise ValueError(
+                    f"{w}.{key}: not a key of search.space (searched: {', '.join(sorted(keys))})"
+                )
+        values: dict[str, Any] = {}
+        named: dict[str, Any] = {}
+        for p in params:  # parents before children (validate_space's order)
+            if p.key not in point or p.key in values or not p.is_active(values):
+                continue
+            value = point[p.key]
+            _check_point_value(f"{w}.{p.key}", p, value)
+            values[p.key] = value
+            named[p.optuna_name] = float(value) if p.kind in ("uniform", "loguniform") else value
+        for key in point:
+            if key not in values:
+                conds = [
+                    " and ".join(f"{k} in {list(v)}" for k, v in b.when)
+                    for b in params
+                    if b.key == key and b.when
+                ]
+                raise ValueError(
+                    f"{w}.{key}: only searched when {' or '.join(conds)}; give that in the same point too"
+                )
+        out.append(named)
+    return out
+
+
+def _check_point_value(where: str, p: SearchParam, value: Any) -> None:
+    if p.kind == "choice":
+        if not _value_in(value, p.choices):
+            raise ValueError(f"{where}: must be one of {list(p.choices)}, got {_show(value)}")
+        return
+    assert p.low is not None and p.high is not None
+    ok = _is_number(value) and p.low <= value <= p.high
+    if ok and p.kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and p.step:
+        k = (value - p.low) / p.step
+        ok = abs(k - round(k)) < 1e-9
+    if not ok:
+        grid = f" on the step-{p.step:g} grid" if p.step else ""
+        kind = "an integer" if p.kind == "int" else "a number"
+        raise ValueError(f"{where}: must be {kind} in [{p.low:g}, {p.high:g}]{grid}, got {_show(value)}")
+
+
 def _probe_values(p: SearchParam) -> list[Any]:
     """Values that stand for everything ``p`` can suggest: every choice, or both ends of a range
     (as floats for ``uniform``/``loguniform``, since Optuna suggests floats there)."""
@@ -1209,13 +1284,19 @@ def check_search_space(exp: Experiment) -> list[SearchParam]:
     """
     space = exp.search.space
     if not space:
+        if exp.search.points_to_evaluate:
+            raise ConfigError(
+                f"{exp.source}: search.points_to_evaluate: needs a search.space to take its keys from"
+            )
         return []
     try:
         params = validate_space(space, where="search.space")
+        points_to_optuna(params, exp.search.points_to_evaluate)
     except ValueError as e:
         raise ConfigError(_one_line(f"{exp.source}: {e}")) from None
     base = exp.to_dict()
     base["search"]["space"] = {}
+    base["search"]["points_to_evaluate"] = []
     by_key = {p.key: p for p in params}
     for p in params:
         parents = {k: vals[0] for k, vals in p.when if k in by_key}

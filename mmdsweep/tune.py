@@ -460,6 +460,7 @@ def run(
         sampler=exp.search.algorithm,
         verbose=verbose,
         study_name=str(meta.get("study_name") or exp.output.name),
+        points_to_evaluate=exp.search.points_to_evaluate,
     )
     meta["sweep_seconds"] = round(meta.get("sweep_seconds", 0.0) + time.time() - t1, 1)
     meta["prepare_seconds"] = round(prep_s, 1)
@@ -861,8 +862,13 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         r = exp.resources
         print(
-            f"search: {len(params)} parameters ({', '.join(p.key for p in params)}), {exp.search.num_samples} trials, "
-            f"objectives {exp.search.objectives}, scheduler {exp.search.scheduler}"
+            f"search: {len(params)} parameters ({', '.join(p.key for p in params)}), {exp.search.num_samples} trials"
+            + (
+                f" (the first {n} set by points_to_evaluate)"
+                if (n := len(exp.search.points_to_evaluate))
+                else ""
+            )
+            + f", objectives {exp.search.objectives}, scheduler {exp.search.scheduler}"
         )
         print(
             f"resources: {r.num_workers} worker(s) x {r.cpus_per_worker} CPU"

@@ -231,6 +231,9 @@ BAD_FILES = {
             {"kernel.type": {"choice": ["polynomial", "rbf"], "when": {"kernel.bandwidth": 1}}}
         ),
     ),
+    "bad_point": lambda t: _edited(
+        t, lambda d: d["search"].update(points_to_evaluate=[{"kernel.type": "gaussian"}])
+    ),
     "not_utf8": lambda t: t.encode("utf-8") + b"name: \xff\xfe\n",
     "invalid_yaml": lambda t: (t + "data: [1, 2\n").encode(),
     "yaml_tag": lambda t: (t + "extra: !!python/object/apply:os.system ['echo hacked']\n").encode(),

@@ -330,3 +330,69 @@ def test_bool_choice_works_end_to_end(tmp_path: Path) -> None:
         assert isinstance(cfg["sampler.clip_sample"], bool)
         seen.add(exp.with_overrides(cfg).sampler.clip_sample)
     assert seen == {True, False}
+
+
+# ----------------------------------------------------------------------------- warm start: points_to_evaluate
+
+
+def test_points_to_evaluate_run_first_in_order_with_the_rest_sampled(params: list[SearchParam]) -> None:
+    points = [
+        {"kernel.type": "rbf", "kernel.bandwidth": 2.0, "finetune.lr": 3.0e-5},
+        {"kernel.type": "imq"},  # the rest sampled
+    ]
+    searcher = make_searcher(params, ["fid"], ["min"], seed=0, points_to_evaluate=points)
+    first, second, third = (searcher.suggest(t) for t in ("a", "b", "c"))
+    assert first is not None and second is not None and third is not None
+    given = {k: first[k] for k in points[0]}
+    assert given == {"finetune.lr": pytest.approx(3.0e-5), "kernel.type": "rbf", "kernel.bandwidth": 2.0}
+    assert "sampler.timesteps" in first and "kernel.degree" not in first  # the rest sampled, branches kept
+    assert second["kernel.type"] == "imq"
+    assert 0.5 <= second["kernel.bandwidth"] <= 2.0 and 1.0e-6 <= second["finetune.lr"] <= 1.0e-4
+    assert third != first and third != second
+    # the enqueued point is recorded under the branch's Optuna name, as a sampled one would be
+    assert searcher._ot_study is not None
+    assert searcher._ot_study.trials[0].params["kernel.bandwidth[kernel.type=rbf]"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ({"kernel.typo": "rbf"}, r"\[0\]\.kernel\.typo: not a key of search\.space"),
+        ({"kernel.type": "gaussian"}, r"\[0\]\.kernel\.type: must be one of \['polynomial', 'rbf', 'imq'\]"),
+        ({"finetune.lr": 1.0}, r"\[0\]\.finetune\.lr: must be a number in \[1e-06, 0\.0001\], got 1\.0"),
+        ({"finetune.lr": "fast"}, r"must be a number in"),
+        ({"kernel.bandwidth": 2.0}, r"kernel\.bandwidth: only searched when kernel\.type in \['rbf'\] or"),
+        ({"kernel.type": "polynomial", "kernel.bandwidth": 2.0}, r"kernel\.bandwidth: only searched when"),
+        ({"kernel.type": "imq", "kernel.bandwidth": 3.0}, r"must be a number in \[0\.5, 2\]"),
+        ({}, r"\[0\]: must be a non-empty mapping"),
+    ],
+)
+def test_points_to_evaluate_are_checked(params: list[SearchParam], point: Any, message: str) -> None:
+    from mmdsweep.config import points_to_optuna
+
+    with pytest.raises(ValueError, match=message):
+        points_to_optuna(params, [point])
+
+
+def test_points_to_evaluate_in_an_experiment_file(tmp_path: Path) -> None:
+    from mmdsweep.config import ConfigError, load_experiment
+
+    space = "search:\n  space:\n    kernel.type: {choice: [polynomial, rbf]}\n"
+    good = tmp_path / "good.yaml"
+    good.write_text(space + "  points_to_evaluate:\n    - {kernel.type: rbf}\n")
+    assert load_experiment(good).search.points_to_evaluate == [{"kernel.type": "rbf"}]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(space + "  points_to_evaluate:\n    - {kernel.type: imq}\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(bad)
+    assert str(err.value) == (
+        f"{bad}: search.points_to_evaluate[0].kernel.type: must be one of ['polynomial', 'rbf'], got 'imq'"
+    )
+    many = tmp_path / "many.yaml"
+    many.write_text(space + "  num_samples: 1\n  points_to_evaluate: [{kernel.type: rbf}, {kernel.type: rbf}]\n")
+    with pytest.raises(ConfigError, match=r"points_to_evaluate: has 2 points, more than num_samples \(1\)"):
+        load_experiment(many)
+    lonely = tmp_path / "lonely.yaml"
+    lonely.write_text("search:\n  points_to_evaluate:\n    - {kernel.type: rbf}\n")
+    with pytest.raises(ConfigError, match="points_to_evaluate: needs a search.space"):
+        load_experiment(lonely)

@@ -582,6 +582,7 @@ def run_sweep(
     experiment_checkpoint_s: float | None = None,
     verbose: int | None = None,
     study_name: str | None = None,
+    points_to_evaluate: Sequence[Mapping[str, Any]] = (),
 ) -> ResultGrid:
     """Run (or resume) a sweep of ``num_samples`` trials; return Tune's ``ResultGrid``.
 
@@ -595,7 +596,8 @@ def run_sweep(
     ``experiment_checkpoint_s`` sets how often Tune snapshots the experiment
     (``TUNE_GLOBAL_CHECKPOINT_S``; Tune's default adapts, at least 10 s).
     ``verbose`` is Tune's console verbosity (0 silent .. 2 default). ``study_name`` names the
-    Optuna study (default ``name``). RUNNING Optuna trials are closed (FAIL) only when the sweep
+    Optuna study (default ``name``). ``points_to_evaluate`` ({dotted key: value}) run first on a fresh
+    sweep (a resumed one continues its restored searcher). RUNNING Optuna trials are closed (FAIL) only when the sweep
     really finished (:func:`sweep_finished`); an interrupted sweep keeps them for ``--resume``.
     """
     storage_path = _absolute(storage_path)
@@ -621,6 +623,7 @@ def run_sweep(
             sampler=sampler,
             storage=optuna_storage,
             study_name=study,
+            points_to_evaluate=points_to_evaluate,
         )
         _guard(searcher)
         tuner = _new_tuner(

@@ -59,14 +59,14 @@ and the sampler models each branch separately.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import optuna
 
 # The specification (validation, SearchParam) is configuration and lives in mmdsweep.config;
 # re-exported here, where the Optuna side of it is.
-from mmdsweep.config import DISTRIBUTIONS, Scalar, SearchParam, validate_space
+from mmdsweep.config import DISTRIBUTIONS, Scalar, SearchParam, points_to_optuna, validate_space
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -183,6 +183,7 @@ def make_searcher(
     storage: str | None = None,
     study_name: str = "mmdsweep",
     load_if_exists: bool = False,
+    points_to_evaluate: Sequence[Mapping[str, Any]] = (),
 ) -> OptunaSearch:
     """A configured ``OptunaSearch`` over ``params`` (single- or multi-objective).
 
@@ -196,6 +197,9 @@ def make_searcher(
     optuna-dashboard while and after the sweep runs. A study of the same name
     already in the storage is an error unless ``load_if_exists`` (its trials would
     otherwise silently join this sweep's model).
+
+    ``points_to_evaluate`` (``{dotted key: value}`` each, :func:`mmdsweep.config.points_to_optuna` checks
+    them) are enqueued in the new study and run first, in order; keys a point leaves out are sampled.
     """
     from ray.tune.search.optuna import OptunaSearch
 
@@ -215,6 +219,7 @@ def make_searcher(
                 "study name, delete it, or pass load_if_exists=True"
             )
     multi = len(metrics) > 1
+    points = points_to_optuna(params, list(points_to_evaluate))
     return OptunaSearch(
         space=define_by_run(params),
         metric=list(metrics) if multi else metrics[0],
@@ -222,6 +227,7 @@ def make_searcher(
         sampler=make_sampler(sampler, seed, len(metrics)),
         study_name=study_name,
         storage=ot_storage,
+        points_to_evaluate=points or None,
     )
 
 
