@@ -389,7 +389,9 @@ def test_points_to_evaluate_in_an_experiment_file(tmp_path: Path) -> None:
         f"{bad}: search.points_to_evaluate[0].kernel.type: must be one of ['polynomial', 'rbf'], got 'imq'"
     )
     many = tmp_path / "many.yaml"
-    many.write_text(space + "  num_samples: 1\n  points_to_evaluate: [{kernel.type: rbf}, {kernel.type: rbf}]\n")
+    many.write_text(
+        space + "  num_samples: 1\n  points_to_evaluate: [{kernel.type: rbf}, {kernel.type: rbf}]\n"
+    )
     with pytest.raises(ConfigError, match=r"points_to_evaluate: has 2 points, more than num_samples \(1\)"):
         load_experiment(many)
     lonely = tmp_path / "lonely.yaml"
