@@ -1208,7 +1208,8 @@ def points_to_optuna(
 
     Returns one ``{optuna name: value}`` per point (the form ``OptunaSearch(points_to_evaluate=...)`` enqueues).
     Raises ``ValueError`` naming the point and key, e.g.
-    ``search.points_to_evaluate[0].kernel.bandwidth: only searched when kernel.type in [rbf]; give that too``.
+    ``search.points_to_evaluate[0].kernel.bandwidth: only searched when kernel.type in ['rbf']; give that in the same
+    point too``.
     """
     keys = {p.key for p in params}
     out: list[dict[str, Any]] = []
