@@ -344,7 +344,9 @@ def test_asha_early_stopping_does_not_deadlock_next_trials(local_ray: None, tmp_
     # Stopped trials reach Optuna as COMPLETE with their last value.
     study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path}/asha.db")
     assert sorted((t.state.name, t.value) for t in study.trials) == [("COMPLETE", float(v)) for v in range(4)]
-    assert elapsed < 240, f"sweep took {elapsed:.0f}s: trials probably waited for leaked resources"
+    # A leaked placement group blocks the next trial for good, so any finite bound detects it; 600 s (the
+    # sweep takes ~90 s on an idle 2-core machine) keeps the check from failing on a merely busy machine.
+    assert elapsed < 600, f"sweep took {elapsed:.0f}s: trials probably waited for leaked resources"
 
 
 @pytest.mark.slow
