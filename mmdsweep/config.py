@@ -176,6 +176,15 @@ class PretrainConfig:
     classifier_steps: Int = Field(default=600, ge=1, description="training steps of the domain classifier")
     classifier_width: Int = Field(default=32, ge=1, description="channel width of the domain classifier")
     seed: Seed = Field(default=0, description="seed of pretraining")
+    threads: Int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "torch intra-op threads while pretraining (the DDPM and the classifier): a fixed count makes"
+            " the cached model the same on machines with different core counts, since the order of float"
+            " reductions depends on it; restored afterwards"
+        ),
+    )
     cache_dir: Str = Field(default="~/.cache/mmdsweep", description="where pretrained models are cached")
 
     @model_validator(mode="after")

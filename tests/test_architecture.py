@@ -238,6 +238,41 @@ def test_pretrain_key_changes_with_seed(tmp_path: Path) -> None:
     assert pretrained.pretrain_key(_exp(tmp_path, seed=0)) != pretrained.pretrain_key(_exp(tmp_path, seed=1))
 
 
+def test_pretrained_model_does_not_depend_on_the_ambient_thread_count(tmp_path: Path) -> None:
+    """``pretrain.threads`` fixes the intra-op threads while pretraining, so two machines with different
+    core counts cache the same model under the same key; the caller's thread count comes back after."""
+    from safetensors.torch import load_file
+
+    from mmdsweep.train.pretrain import run_pretrain
+
+    cfg = tiny_config(tmp_path)
+    cfg["pretrain"].update(steps=12, classifier_steps=6)
+    cfg["finetune"].pop("threads")  # pretraining must not follow the fine-tuning threads or the machine
+    weights = []
+    for ambient in (1, 2):
+        cfg["pretrain"]["cache_dir"] = str(tmp_path / f"cache{ambient}")
+        path = tmp_path / f"exp{ambient}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        exp = load_experiment(path)
+        before = torch.get_num_threads()
+        torch.set_num_threads(ambient)
+        try:
+            art = run_pretrain(exp, show_progress=False)
+            assert torch.get_num_threads() == ambient
+        finally:
+            torch.set_num_threads(before)
+        # the DDPM's weights and the domain classifier's (the primary evaluation space)
+        files = sorted(Path(art.model_dir).rglob("*.safetensors")) + [Path(art.classifier_path)]
+        assert len(files) == 2, files
+        weights.append({f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()})
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+    # the thread count is part of the cache key: a model pretrained with other threads is another model
+    two = _exp(tmp_path, pretrain={**cfg["pretrain"], "threads": 2})
+    assert pretrained.pretrain_key(two) != pretrained.pretrain_key(exp)
+
+
 def test_pretraining_holdout_is_disjoint_from_training_split(tmp_path: Path) -> None:
     exp = _exp(tmp_path, seed=3)
     n = 1797

@@ -39,7 +39,7 @@ from mmdsweep.assets.pretrained import (  # noqa: F401  (re-exported: the cache 
 from mmdsweep.config import ConfigError, Experiment, load_experiment
 from mmdsweep.core.sampling import NoiseSchedule, sample, select_timesteps
 from mmdsweep.fsio import atomic_dir
-from mmdsweep.utils import progress, save_grid, set_threads
+from mmdsweep.utils import progress, save_grid
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -106,7 +106,15 @@ def run_pretrain(exp: Experiment, *, force: bool = False, show_progress: bool = 
         hit = cached(exp)
         if hit is not None:
             return hit
-    set_threads(exp.finetune.threads)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(exp.pretrain.threads)
+    try:
+        return _pretrain(exp, show_progress=show_progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(exp: Experiment, *, show_progress: bool) -> PretrainArtifacts:
     t0 = time.time()
     ds = comp.real_dataset(exp)
     images, labels = data_mod.load_tensor(ds)
