@@ -84,7 +84,15 @@ def sample_parser() -> argparse.ArgumentParser:
         help="timestep spacing (default: the recorded chain, else the sampler's standard grid)",
     )
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: state.json, else 0)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0, as the sweep's evaluation)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=(
+            "noise seed (default 0). Seed S gives the images the evaluator scored for S: pass one of the experiment's "
+            "eval.final_seeds (the final protocol) or eval.seed (selection) to see what was scored"
+        ),
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--grid-scale", type=int, default=1, help="nearest-neighbour upscaling of a grid")

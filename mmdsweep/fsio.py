@@ -100,16 +100,26 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; on success it replaces ``final``.
 
     Every regular file in it is fsynced before the rename. If the body raises, the temporary
-    directory is removed and ``final`` is left untouched.
+    directory is removed and ``final`` is left untouched. The directory and everything in it get the
+    permissions a plain ``mkdir``/``open()`` would give them (``0o777`` / ``0o666`` less the umask; ``0o777``
+    for an executable file): ``mkdtemp`` makes the directory ``0o700`` and some writers (safetensors) make files ``0o600``,
+    which would hide an exported model from the other users of a shared machine.
     """
     target = Path(final)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(Path(root) / name, 0o777 & ~umask)
             for name in files:
-                _fsync_file(Path(root) / name)
+                path = Path(root) / name
+                if not path.is_symlink():
+                    os.chmod(path, (0o777 if path.stat().st_mode & 0o111 else 0o666) & ~umask)
+                _fsync_file(path)
             fsync_dir(root)
         replace_dir(tmp, target)
     except BaseException:

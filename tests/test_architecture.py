@@ -292,6 +292,26 @@ def test_pretraining_holdout_is_disjoint_from_training_split(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- atomic writes, layout
 
 
+def test_atomic_dir_gives_the_permissions_of_a_plain_mkdir(tmp_path: Path) -> None:
+    """An exported model must be readable by the other users of a shared machine: mkdtemp's 0o700 and a
+    writer's 0o600 files become what mkdir/open give under the umask (execute bits kept)."""
+    old = os.umask(0o022)
+    try:
+        with fsio.atomic_dir(tmp_path / "export") as tmp:
+            (tmp / "unet").mkdir()
+            (tmp / "unet" / "w.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "unet" / "w.safetensors", 0o600)
+            (tmp / "run.sh").write_bytes(b"#!/bin/sh\n")
+            os.chmod(tmp / "run.sh", 0o700)
+    finally:
+        os.umask(old)
+    final = tmp_path / "export"
+    assert (final.stat().st_mode & 0o777) == 0o755
+    assert ((final / "unet").stat().st_mode & 0o777) == 0o755
+    assert ((final / "unet" / "w.safetensors").stat().st_mode & 0o777) == 0o644
+    assert ((final / "run.sh").stat().st_mode & 0o777) == 0o755
+
+
 def test_atomic_write_keeps_old_content_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "file.bin"
     fsio.atomic_write_bytes(target, b"old")

@@ -262,6 +262,11 @@ def test_rank_deficient_warning_is_recorded_not_silenced() -> None:
 
     rng = np.random.default_rng(0)
     caught: list[str] = []
-    with pytest.warns(M.MetricWarning), M.collect_warnings(caught):
+    with pytest.warns(M.MetricWarning) as shown, M.collect_warnings(caught):
         M.fid(rng.normal(size=(20, 64)), rng.normal(size=(500, 64)))
     assert any("rank-deficient" in w for w in caught), caught
+    # recorded as "MetricWarning: <text>"; re-emitted once with its category, not as "MetricWarning: MetricWarning: ..."
+    assert all(w.startswith("MetricWarning: ") for w in caught), caught
+    texts = [str(w.message) for w in shown]
+    assert texts and not any(t.startswith("MetricWarning") for t in texts), texts
+    assert len(texts) == len(set(texts)), texts

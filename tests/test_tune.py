@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_real_experiments_dry_run_report_missing_files(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc = tune.main([str(ROOT / "experiments" / f"{name}.yaml"), "--dry-run"])
     out, err = capsys.readouterr()
-    assert rc == 1, err  # config, search space and resources are valid; only files are missing
+    assert rc == 2, err  # config, search space and resources are valid; only files are missing
     assert "Traceback" not in out + err
     assert "file(s) missing" in err
     assert "data.root:" in err and "does not exist" in err

@@ -365,7 +365,8 @@ def preflight(exp: Experiment, *, collect: bool = False) -> list[str]:
 
 
 def report_missing(err: PreflightError) -> int:
-    """Print a dry run's checks and its missing files; the exit status for a dry run with problems."""
+    """Print a dry run's checklist (stdout) and one line per missing file (stderr); returns the exit status 2,
+    the status of every bad input."""
     import sys
 
     for line in err.lines:
@@ -373,7 +374,7 @@ def report_missing(err: PreflightError) -> int:
     print(f"error: {len(err.problems)} file(s) missing:", file=sys.stderr)
     for p in err.problems:
         print(f"  - {p}", file=sys.stderr)
-    return 1
+    return 2
 
 
 def check_feature_weights(exp: Experiment, name: str) -> str:

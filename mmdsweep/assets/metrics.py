@@ -70,12 +70,15 @@ def collect_warnings(into: list[str]):  # type: ignore[no-untyped-def]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield into
+    new: list[tuple[type[Warning], str]] = []
     for w in caught:
-        msg = f"{w.category.__name__}: {str(w.message).splitlines()[0]}"
+        text = str(w.message).splitlines()[0]
+        msg = f"{w.category.__name__}: {text}"
         if msg not in into:
             into.append(msg)
-    for msg in into:
-        warnings.warn(msg, MetricWarning, stacklevel=3)
+            new.append((w.category, text))
+    for category, text in new:  # with its own category, once (the console shows "MetricWarning: <text>")
+        warnings.warn(text, category, stacklevel=3)
 
 
 def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
