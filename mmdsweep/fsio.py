@@ -39,6 +39,11 @@ def _umask() -> int:
     return mask
 
 
+def _plain_mode(*, directory: bool = False, executable: bool = False) -> int:
+    """The permissions a plain ``mkdir``/``open()`` gives under the current umask (``0o777``/``0o666`` less it)."""
+    return (0o777 if directory or executable else 0o666) & ~_umask()
+
+
 def _fsync_file(path: Path) -> None:
     with contextlib.suppress(OSError), open(path, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -57,7 +62,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # permissions of a plain open(): mkstemp's are 0o600
+    os.chmod(tmp, _plain_mode())  # permissions of a plain open(): mkstemp's are 0o600
     try:
         yield tmp
         _fsync_file(tmp)
@@ -110,15 +115,15 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        umask = _umask()
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, _plain_mode(directory=True))
         for root, dirs, files in os.walk(tmp):
             for name in dirs:
-                os.chmod(Path(root) / name, 0o777 & ~umask)
+                if not (Path(root) / name).is_symlink():  # never change what a link points to
+                    os.chmod(Path(root) / name, _plain_mode(directory=True))
             for name in files:
                 path = Path(root) / name
                 if not path.is_symlink():
-                    os.chmod(path, (0o777 if path.stat().st_mode & 0o111 else 0o666) & ~umask)
+                    os.chmod(path, _plain_mode(executable=bool(path.stat().st_mode & 0o111)))
                 _fsync_file(path)
             fsync_dir(root)
         replace_dir(tmp, target)
