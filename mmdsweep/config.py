@@ -279,12 +279,32 @@ class FeaturesConfig:
     eval: FeatureName = Field(default="classifier", description="primary FID/KID feature space")
     extra_eval: list[FeatureName] = Field(default_factory=list, description="further FID/KID feature spaces")
     train_resize: Int | None = Field(default=None, ge=16, description="resize before the train features")
-    eval_resize: Int | None = Field(default=None, ge=16, description="resize before the eval features")
+    eval_resize: Int | dict[Str, Int] | None = Field(
+        default=None,
+        description="resize before the eval features (>= 16): one size for every eval space, or a size per space "
+        "name (a space left out: its training size if it is the training space, else its native size)",
+    )
     inception_path: Str | None = Field(default=None, description="local Inception weights file")
     clip_arch: Str = Field(default="ViT-B-32", description="open_clip architecture")
     clip_pretrained: Str | None = Field(default=None, description="local open_clip weights file")
     classifier_path: Str | None = Field(default=None, description="domain classifier checkpoint")
     torch_home: Str | None = Field(default=None, description="TORCH_HOME holding torchvision weights")
+
+    @model_validator(mode="after")
+    def _eval_resize_names_eval_spaces(self) -> FeaturesConfig:
+        sizes = self.eval_resize if isinstance(self.eval_resize, dict) else {"": self.eval_resize}
+        for name, size in sizes.items():
+            if size is not None and size < 16:
+                _err(f"must be >= 16, got {size}" + (f" for {name}" if name else ""), "eval_resize")
+        if isinstance(self.eval_resize, dict):
+            spaces = [self.eval, *self.extra_eval]
+            for name in self.eval_resize:
+                if name not in spaces:
+                    _err(
+                        f"names {_show(name)}, which is not an eval space (eval, extra_eval: {spaces})",
+                        "eval_resize",
+                    )
+        return self
 
 
 @pdc.dataclass(config=_CONFIG)
@@ -353,6 +373,11 @@ class FinetuneConfig:
         default="weights", description="what is learned: the UNet weights, the timestep grid, or both"
     )
     timestep_lr: Float = Field(default=1e-2, gt=0, description="learning rate of the learned timestep grid")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        default="constant",
+        description="learning-rate schedule of every parameter group (diffusers.optimization.get_scheduler)",
+    )
+    lr_warmup_steps: Int = Field(default=0, ge=0, description="linear warm-up steps of lr_scheduler")
     micro_batch_size: Int | None = Field(
         default=None,
         ge=1,

@@ -54,6 +54,19 @@ def test_digits_experiment_loads_with_defaults() -> None:
             "x.yaml: search.scheduler: asha needs a single objective",
         ),
         ("finetune: [1, 2]\n", "x.yaml: finetune: must be a mapping"),
+        ("features:\n  eval_resize: 8\n", "x.yaml: features.eval_resize: must be >= 16, got 8"),
+        (
+            "features:\n  eval: classifier\n  eval_resize: {classifier: 8}\n",
+            "x.yaml: features.eval_resize: must be >= 16, got 8 for classifier",
+        ),
+        (
+            "features:\n  eval: classifier\n  eval_resize: {inception: 64}\n",
+            "x.yaml: features.eval_resize: names 'inception', which is not an eval space",
+        ),
+        (
+            "finetune:\n  lr_scheduler: cosine_with_restarts\n",
+            "x.yaml: finetune.lr_scheduler: must be one of 'constant', 'constant_with_warmup', 'linear', 'cosine'",
+        ),
     ],
 )
 def test_bad_values_give_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -379,3 +392,35 @@ def test_dataclass_helpers_keep_working() -> None:
     assert dataclasses.replace(exp.finetune, lr=1e-3).lr == 1e-3
     with pytest.raises(ValueError):  # replace re-validates
         dataclasses.replace(exp.finetune, lr=-1.0)
+
+
+def test_eval_resize_per_space() -> None:
+    """One preprocessing per space: a per-space ``eval_resize`` keeps a held-out ImageNet space at its
+    size while the classifier (the training space) is evaluated at its own."""
+    from mmdsweep.assets.components import space_resize
+
+    base = load_experiment(Path("experiments/digits.yaml"))
+    train_mnv2 = base.with_overrides(
+        {
+            "features.train": "torchvision:mobilenet_v2",
+            "features.train_resize": 32,
+            "features.eval_resize": None,
+        }
+    )
+    assert space_resize(train_mnv2, "torchvision:mobilenet_v2", for_eval=True) == 32  # the training size
+    assert space_resize(train_mnv2, "classifier", for_eval=True) is None  # native
+    one = train_mnv2.with_overrides({"features.eval_resize": 64})
+    assert [space_resize(one, n, for_eval=True) for n in ("classifier", "torchvision:mobilenet_v2")] == [
+        64,
+        64,
+    ]
+    per = base.with_overrides(
+        {
+            "features.train": "classifier",
+            "features.train_resize": None,
+            "features.eval_resize": {"torchvision:mobilenet_v2": 32},
+        }
+    )
+    assert space_resize(per, "torchvision:mobilenet_v2", for_eval=True) == 32
+    assert space_resize(per, "classifier", for_eval=True) is None
+    assert space_resize(per, "classifier", for_eval=False) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -347,15 +348,67 @@ def test_training_the_grid(tiny_yaml: Path, tmp_path: Path, mode: str) -> None:
     assert g.timesteps() == pytest.approx(grid, abs=1e-9)
 
 
-def test_resume_restores_the_grid(tiny_yaml: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["constant_with_warmup", "linear", "cosine"])
+def test_lr_schedule_rebuilt_at_a_step_equals_the_one_stepped_there(name: str) -> None:
+    from mmdsweep.train.loop import make_lr_schedule
+
+    def optimizer() -> torch.optim.Optimizer:
+        w, g = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+        return torch.optim.Adam([{"params": [w]}, {"params": [g], "lr": 0.1}], lr=1e-5)
+
+    total, warmup = 12, 3
+    opt = optimizer()
+    sched = make_lr_schedule(opt, name, warmup, total)
+    seen = []
+    for _ in range(total):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert seen[0] == [0.0, 0.0]  # the warm-up starts at 0 for every group
+    assert seen[warmup] == pytest.approx([1e-5, 0.1])  # each group reaches its own rate
+    if name != "constant_with_warmup":
+        assert seen[-1][1] < 0.1 * 0.3  # decays towards 0 at `total`
+    for k in (1, 5, total - 1):  # a resumed run: the optimizer restored, the schedule rebuilt at step k
+        opt2 = optimizer()
+        make_lr_schedule(opt2, name, warmup, total)
+        for _ in range(k):
+            opt2.step()
+        saved = opt2.state_dict()
+        opt3 = optimizer()
+        opt3.load_state_dict(saved)
+        make_lr_schedule(opt3, name, warmup, total, step=k)
+        assert [g["lr"] for g in opt3.param_groups] == pytest.approx(seen[k], abs=1e-12)
+
+
+@pytest.mark.parametrize("lr_scheduler", ["constant", "cosine"])
+def test_resume_restores_the_grid(tiny_yaml: Path, tmp_path: Path, lr_scheduler: str) -> None:
     from mmdsweep.train import loop
     from mmdsweep.train.reporting import LocalReporter
 
-    exp = load_experiment(tiny_yaml).with_overrides({"finetune.train": "both", "finetune.timestep_lr": 0.05})
+    exp = load_experiment(tiny_yaml).with_overrides(
+        {
+            "finetune.train": "both",
+            "finetune.timestep_lr": 0.05,
+            "finetune.lr_scheduler": lr_scheduler,
+            "finetune.lr_warmup_steps": 1 if lr_scheduler == "cosine" else 0,
+        }
+    )
     full, part = tmp_path / "full", tmp_path / "part"
     loop.run_finetune(exp, LocalReporter(full))
-    loop.run_finetune(exp.with_overrides({"finetune.steps": 2}), LocalReporter(part))
-    loop.run_finetune(exp, LocalReporter(part))  # resumes from step 2: grid logits and their Adam state
+
+    class Preempted(Exception):
+        pass
+
+    class DiesAfterStep2(LocalReporter):
+        def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+            super().report(metrics, checkpoint_dir)
+            if metrics["step"] == 2:
+                raise Preempted
+
+    with pytest.raises(Preempted):
+        loop.run_finetune(exp, DiesAfterStep2(part))
+    # resumes from step 2: grid logits, their Adam state and the learning-rate schedule at step 2
+    loop.run_finetune(exp, LocalReporter(part))
     a = json.loads((_last_checkpoint(full) / "state.json").read_text())["timestep_grid"]
     b = json.loads((_last_checkpoint(part) / "state.json").read_text())["timestep_grid"]
     assert b == pytest.approx(a, abs=1e-6)

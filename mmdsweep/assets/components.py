@@ -118,14 +118,18 @@ def build_space(
 
 
 def space_resize(exp: Experiment, name: str, *, for_eval: bool) -> int | None:
-    """Input size of a space: ``features.eval_resize`` / ``train_resize``; a space that is both trained and
-    evaluated in is evaluated at its training size unless ``eval_resize`` is set (one preprocessing per space)."""
+    """Input size of a space: ``features.eval_resize`` (one size, or a size per space name) / ``train_resize``;
+    a space that is both trained and evaluated in is evaluated at its training size unless ``eval_resize``
+    gives it one (one preprocessing per space). None: the network's native size."""
     f = exp.features
     if not for_eval:
         return f.train_resize
-    if f.eval_resize is None and name == f.train:
+    size = f.eval_resize
+    if isinstance(size, dict):
+        size = size.get(name)
+    if size is None and name == f.train:
         return f.train_resize
-    return f.eval_resize
+    return size
 
 
 def space_id(exp: Experiment, name: str, src: ModelSource | None, *, for_eval: bool) -> str:

@@ -596,6 +596,7 @@ def run_finetune(
                 ckpt, model_for_eval, raw if ema is not None else None, optimizer, grid
             )
             scaler.load_state_dict(state.loss_scaler)
+    lr_schedule = make_lr_schedule(optimizer, ft.lr_scheduler, ft.lr_warmup_steps, ft.steps, state.step)
     if state.step >= ft.steps and state.last_metrics:
         # resumed from the final checkpoint (e.g. the driver died right after it was written):
         # repeat the final report so that the host records the run as completed
@@ -646,6 +647,7 @@ def run_finetune(
             break
         if grads_ok:
             optimizer.step()
+        lr_schedule.step()  # a function of the step alone (a skipped fp16 step still advances it)
         state.loss_scaler = scaler.state_dict()
         if ema is not None:
             with torch.no_grad():
@@ -686,6 +688,28 @@ def run_finetune(
         reporter.report(metrics, None)
         return RunSummary("diverged", state, before, None, _run_dir(reporter))
     return RunSummary("completed", state, before, last, _run_dir(reporter))
+
+
+def make_lr_schedule(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``finetune.lr_scheduler`` for every parameter group (diffusers' ``get_scheduler``: ``constant``,
+    ``constant_with_warmup``, ``linear`` or ``cosine`` decay to 0 at ``total_steps`` after a linear warm-up).
+
+    ``step`` is the number of optimizer steps already taken (a resumed run): the schedule is a pure
+    function of the step, so it is rebuilt at that step instead of being stored in the checkpoint.
+    """
+    from diffusers.optimization import get_scheduler
+
+    for g in optimizer.param_groups:  # base rates; a restored optimizer already carries them
+        g.setdefault("initial_lr", g["lr"])
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+        last_epoch=step - 1,
+    )
 
 
 def _run_dir(reporter: Reporter) -> Path | None:
