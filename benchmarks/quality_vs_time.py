@@ -47,6 +47,27 @@ def _mean_std(rows: list[dict[str, Any]], space: str) -> tuple[float, float]:
     return mean, std
 
 
+def verdict_lines(rows: Any, primary: str) -> list[str]:
+    """Markdown: every checkpoint against the best training-free baseline at its T in each space, paired by
+    seed (:func:`mmdsweep.results.evaluation.final_comparison`, the sweep's own verdict)."""
+    from mmdsweep.results.evaluation import final_comparison
+
+    cmp = final_comparison(rows, primary)
+    out = [
+        "## Against the best training-free baseline (paired by seed; better/worse = |gain| > 2 std)",
+        "",
+        "| space | checkpoint | FID | best baseline | baseline FID | gain | 2 std | verdict |",
+        "|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for _, r in cmp.iterrows():
+        out.append(
+            f"| {r['space']} | {r['model']} | {r['fid_mean']:.3f} +- {r['fid_std']:.3f} | {r['best_baseline']} | "
+            f"{r['baseline_fid_mean']:.3f} +- {r['baseline_fid_std']:.3f} | {r['gain']:+.3f} | "
+            f"{2 * r['diff_std']:.3f} | {r['verdict']} |"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("experiment")
@@ -56,7 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--modes", nargs="+", default=["weights", "timesteps", "both"])
     ap.add_argument("--out", default="benchmarks/results/quality_vs_time")
+    ap.add_argument(
+        "--verdicts",
+        metavar="PARQUET",
+        help="only print the paired verdicts of an earlier run's Parquet file (no training) and exit",
+    )
     args = ap.parse_args(argv)
+    if args.verdicts:
+        import pandas as pd
+
+        rows = pd.read_parquet(args.verdicts)
+        print("\n".join(verdict_lines(rows, str(rows[rows["kind"] == "model"]["space"].iloc[0]))))
+        return 0
     quiet_diffusers()
     device = torch.device("cpu")
     exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set)).with_overrides(
@@ -165,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{scores[sp][0]:.3f} +- {scores[sp][1]:.3f}" if sp in scores else "-" for sp in spaces
             )
             lines.append(f"| {mode} | {step} | {el:.0f} | {cells} | {grid if grid else '(start)'} |")
+    lines += ["", *verdict_lines(all_rows, spaces[0])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
