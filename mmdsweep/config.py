@@ -373,6 +373,13 @@ class FinetuneConfig:
         default="weights", description="what is learned: the UNet weights, the timestep grid, or both"
     )
     timestep_lr: Float = Field(default=1e-2, gt=0, description="learning rate of the learned timestep grid")
+    timestep_ema_decay: Float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="exponential moving average of the learned grid's logits (null: none); the averaged grid "
+        "is the one scored, checkpointed and exported",
+    )
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
         default="constant",
         description="learning-rate schedule of every parameter group (diffusers.optimization.get_scheduler)",

@@ -412,3 +412,60 @@ def test_resume_restores_the_grid(tiny_yaml: Path, tmp_path: Path, lr_scheduler:
     a = json.loads((_last_checkpoint(full) / "state.json").read_text())["timestep_grid"]
     b = json.loads((_last_checkpoint(part) / "state.json").read_text())["timestep_grid"]
     assert b == pytest.approx(a, abs=1e-6)
+
+
+def test_timestep_ema_scores_the_averaged_grid_and_resumes(tiny_yaml: Path, tmp_path: Path) -> None:
+    """finetune.timestep_ema_decay: the checkpointed (scored, exported) grid is the moving average of the
+    optimiser's grid, avg_k = d avg_(k-1) + (1 - d) raw_k from the initial grid; a preempted run resumes both."""
+    from mmdsweep.train import loop
+    from mmdsweep.train.reporting import LocalReporter
+
+    d = 0.5
+    exp = load_experiment(tiny_yaml).with_overrides(
+        {
+            "finetune.train": "timesteps",
+            "finetune.timestep_lr": 0.2,
+            "finetune.timestep_ema_decay": d,
+            "finetune.eval_every": 1,
+            "sampler.timestep_spacing": "linspace",
+        }
+    )
+    seen: list[dict[str, Tensor]] = []
+    grids: list[list[int]] = []
+
+    class Recording(LocalReporter):
+        def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+            if checkpoint_dir is not None:
+                seen.append(load_file(Path(checkpoint_dir) / "train_state" / "timegrid.safetensors"))
+                grids.append(
+                    json.loads((Path(checkpoint_dir) / "state.json").read_text())["timestep_grid_int"]
+                )
+            super().report(metrics, checkpoint_dir)
+
+    loop.run_finetune(exp, Recording(tmp_path / "full"))
+    assert len(seen) == 4
+    avg = TimeGrid.from_spacing(3, N, "linspace").logits.detach().clone()
+    for k, tensors in enumerate(seen):
+        avg = d * avg + (1 - d) * tensors["raw_logits"]
+        assert torch.allclose(tensors["logits"], avg, atol=1e-6), k
+        g = TimeGrid.from_spacing(3, N, "linspace")
+        with torch.no_grad():
+            g.logits.copy_(tensors["logits"])
+        assert grids[k] == g.rounded()  # the averaged grid is the one recorded for scoring and export
+    assert not torch.allclose(seen[-1]["logits"], seen[-1]["raw_logits"])
+
+    class Preempted(Exception):
+        pass
+
+    class DiesAfterStep2(LocalReporter):
+        def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+            super().report(metrics, checkpoint_dir)
+            if metrics["step"] == 2:
+                raise Preempted
+
+    with pytest.raises(Preempted):
+        loop.run_finetune(exp, DiesAfterStep2(tmp_path / "part"))
+    loop.run_finetune(exp, LocalReporter(tmp_path / "part"))
+    last = load_file(_last_checkpoint(tmp_path / "part") / "train_state" / "timegrid.safetensors")
+    for key in ("logits", "raw_logits"):
+        assert torch.allclose(last[key], seen[-1][key], atol=1e-6), key

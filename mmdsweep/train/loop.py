@@ -176,8 +176,12 @@ def save_checkpoint(
     *,
     base_model: str | None = None,
     grid: TimeGrid | None = None,
+    grid_raw: TimeGrid | None = None,
 ) -> None:
     """A checkpoint directory: a diffusers model (``unet/``, ``scheduler/``) + training state.
+
+    ``grid`` is the learned grid that is scored and exported (the averaged one with
+    ``finetune.timestep_ema_decay``); ``grid_raw`` the optimiser's own grid when it differs (for resume).
 
     With a LoRA adapter (``model`` a peft model) it holds only the adapter (``adapter/``, peft's
     safetensors format), ``scheduler/`` and the training state; ``state.json`` names the
@@ -207,7 +211,10 @@ def save_checkpoint(
     learned: dict[str, Any] = {}
     # issue 9: the learned grid, continuous (for resume) and rounded (what is scored and exported)
     if grid is not None:
-        save_file({"logits": grid.logits.detach().cpu().contiguous()}, ts / "timegrid.safetensors")
+        tensors = {"logits": grid.logits.detach().cpu().contiguous()}
+        if grid_raw is not None:
+            tensors["raw_logits"] = grid_raw.logits.detach().cpu().contiguous()
+        save_file(tensors, ts / "timegrid.safetensors")
         learned = {"timestep_grid": grid.timesteps(), "timestep_grid_int": grid.rounded()}
     if raw is not None:
         raw_state = adapters.adapter_state(raw) if lora else raw.state_dict()
@@ -237,11 +244,15 @@ def load_training_state(
     raw: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
     grid: TimeGrid | None = None,
+    grid_raw: TimeGrid | None = None,
 ) -> RunState:
     """Restore weights (or the LoRA adapter), optimizer state and counters from :func:`save_checkpoint`'s directory."""
     if grid is not None:
+        saved = load_file(directory / "train_state" / "timegrid.safetensors")
         with torch.no_grad():
-            grid.logits.copy_(load_file(directory / "train_state" / "timegrid.safetensors")["logits"])
+            grid.logits.copy_(saved["logits"])
+            if grid_raw is not None:
+                grid_raw.logits.copy_(saved.get("raw_logits", saved["logits"]))
     ts = directory / "train_state"
     if adapters.is_adapter(model):
         adapters.load_adapter(directory, model)
@@ -279,6 +290,8 @@ class Setup:
     src: comp.ModelSource
     # issue 9: the learned timestep grid of the current run (finetune.train: timesteps | both)
     grid: TimeGrid | None = None
+    # the optimiser's own grid when the scored one is its moving average (finetune.timestep_ema_decay)
+    grid_raw: TimeGrid | None = None
 
 
 def build_setup(
@@ -573,7 +586,11 @@ def run_finetune(
     if ft.train != "weights":
         # initialised exactly at the chain's grid (its sampler's spacing), then learned
         grid = TimeGrid([float(t) for t in chain_of(exp, den).timestep_grid(n_train)], n_train).to(device)
-    setup.grid = grid
+    grid_avg = None
+    if grid is not None and ft.timestep_ema_decay is not None:
+        # Polyak averaging of the grid: the average is scored, checkpointed and exported; Adam trains `grid`
+        grid_avg = copy.deepcopy(grid).requires_grad_(False)
+    setup.grid, setup.grid_raw = (grid_avg, grid) if grid_avg is not None else (grid, None)
     if ft.train == "timesteps":
         raw.requires_grad_(False)  # the pretrained weights stay bit-identical
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -593,7 +610,7 @@ def run_finetune(
     with _checkpoint_from(reporter) as ckpt:
         if ckpt is not None:
             state = load_training_state(
-                ckpt, model_for_eval, raw if ema is not None else None, optimizer, grid
+                ckpt, model_for_eval, raw if ema is not None else None, optimizer, setup.grid, setup.grid_raw
             )
             scaler.load_state_dict(state.loss_scaler)
     lr_schedule = make_lr_schedule(optimizer, ft.lr_scheduler, ft.lr_warmup_steps, ft.steps, state.step)
@@ -649,6 +666,9 @@ def run_finetune(
             optimizer.step()
         lr_schedule.step()  # a function of the step alone (a skipped fp16 step still advances it)
         state.loss_scaler = scaler.state_dict()
+        if grid_avg is not None and grid is not None:
+            with torch.no_grad():
+                grid_avg.logits.lerp_(grid.logits, 1 - ft.timestep_ema_decay)  # type: ignore[operator]
         if ema is not None:
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), raw.parameters(), strict=True):
@@ -768,6 +788,7 @@ def _report(
                 setup.exp,
                 base_model=setup.src.model_dir,
                 grid=setup.grid,
+                grid_raw=setup.grid_raw,
             )
             reporter.report(metrics, d)
     else:
