@@ -348,6 +348,25 @@ def test_training_the_grid(tiny_yaml: Path, tmp_path: Path, mode: str) -> None:
     assert g.timesteps() == pytest.approx(grid, abs=1e-9)
 
 
+class _Preempted(Exception):
+    pass
+
+
+def _preempt_after_step_2(exp: Any, run_dir: Path) -> None:
+    """Run ``exp`` until its report (and checkpoint) of step 2, then die as a preempted worker would."""
+    from mmdsweep.train import loop
+    from mmdsweep.train.reporting import LocalReporter
+
+    class DiesAfterStep2(LocalReporter):
+        def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
+            super().report(metrics, checkpoint_dir)
+            if metrics["step"] == 2:
+                raise _Preempted
+
+    with pytest.raises(_Preempted):
+        loop.run_finetune(exp, DiesAfterStep2(run_dir))
+
+
 @pytest.mark.parametrize("name", ["constant_with_warmup", "linear", "cosine"])
 def test_lr_schedule_rebuilt_at_a_step_equals_the_one_stepped_there(name: str) -> None:
     from mmdsweep.train.loop import make_lr_schedule
@@ -395,18 +414,7 @@ def test_resume_restores_the_grid(tiny_yaml: Path, tmp_path: Path, lr_scheduler:
     )
     full, part = tmp_path / "full", tmp_path / "part"
     loop.run_finetune(exp, LocalReporter(full))
-
-    class Preempted(Exception):
-        pass
-
-    class DiesAfterStep2(LocalReporter):
-        def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
-            super().report(metrics, checkpoint_dir)
-            if metrics["step"] == 2:
-                raise Preempted
-
-    with pytest.raises(Preempted):
-        loop.run_finetune(exp, DiesAfterStep2(part))
+    _preempt_after_step_2(exp, part)
     # resumes from step 2: grid logits, their Adam state and the learning-rate schedule at step 2
     loop.run_finetune(exp, LocalReporter(part))
     a = json.loads((_last_checkpoint(full) / "state.json").read_text())["timestep_grid"]
@@ -453,18 +461,7 @@ def test_timestep_ema_scores_the_averaged_grid_and_resumes(tiny_yaml: Path, tmp_
             g.logits.copy_(tensors["logits"])
         assert grids[k] == g.rounded()  # the averaged grid is the one recorded for scoring and export
     assert not torch.allclose(seen[-1]["logits"], seen[-1]["raw_logits"])
-
-    class Preempted(Exception):
-        pass
-
-    class DiesAfterStep2(LocalReporter):
-        def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | Path | None = None) -> None:
-            super().report(metrics, checkpoint_dir)
-            if metrics["step"] == 2:
-                raise Preempted
-
-    with pytest.raises(Preempted):
-        loop.run_finetune(exp, DiesAfterStep2(tmp_path / "part"))
+    _preempt_after_step_2(exp, tmp_path / "part")
     loop.run_finetune(exp, LocalReporter(tmp_path / "part"))
     last = load_file(_last_checkpoint(tmp_path / "part") / "train_state" / "timegrid.safetensors")
     for key in ("logits", "raw_logits"):
