@@ -415,6 +415,16 @@ class FinetuneConfig:
                 "pick a divisor or null",
                 "micro_batch_size",
             )
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            _err(
+                f"is {self.lr_warmup_steps} but lr_scheduler 'constant' has no warm-up; use constant_with_warmup, "
+                "linear or cosine, or 0",
+                "lr_warmup_steps",
+            )
+        if self.lr_warmup_steps >= self.steps and self.lr_scheduler != "constant":
+            _err(
+                f"must be below finetune.steps ({self.steps}), got {self.lr_warmup_steps}", "lr_warmup_steps"
+            )
         return self
 
 

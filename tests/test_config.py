@@ -64,6 +64,14 @@ def test_digits_experiment_loads_with_defaults() -> None:
             "x.yaml: features.eval_resize: names 'inception', which is not an eval space",
         ),
         (
+            "finetune:\n  lr_warmup_steps: 5\n",
+            "x.yaml: finetune.lr_warmup_steps: is 5 but lr_scheduler 'constant' has no warm-up",
+        ),
+        (
+            "finetune:\n  steps: 10\n  lr_scheduler: cosine\n  lr_warmup_steps: 10\n",
+            "x.yaml: finetune.lr_warmup_steps: must be below finetune.steps (10), got 10",
+        ),
+        (
             "finetune:\n  lr_scheduler: cosine_with_restarts\n",
             "x.yaml: finetune.lr_scheduler: must be one of 'constant', 'constant_with_warmup', 'linear', 'cosine'",
         ),

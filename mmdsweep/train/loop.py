@@ -580,7 +580,7 @@ def run_finetune(
     if ft.ema_decay is not None:
         ema = copy.deepcopy(unet).requires_grad_(False)
     model_for_eval = ema if ema is not None else raw
-    # issue 9: finetune.train selects the weights, a learned timestep grid, or both (own lr, no decay)
+    # issue 9: finetune.train selects the weights, a learned timestep grid, or both (own lr, no weight decay)
     n_train = den.schedule.num_train_timesteps
     grid = None
     if ft.train != "weights":
