@@ -917,7 +917,13 @@ def cli_parser(prog: str, description: str) -> Any:
 
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted, e.g. finetune.lr=1e-5; VALUE is read as YAML, e.g. '{torchvision:mobilenet_v2: 32}'; repeatable)",
+    )
     return ap
 
 

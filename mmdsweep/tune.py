@@ -477,7 +477,9 @@ def run(
         )
     meta["status"] = "finished"
     _write_meta(sdir, meta)
+    t2 = time.time()
     meta.update(finalize(exp, sdir, meta))
+    meta["final_seconds"] = round(time.time() - t2, 1)
     _write_meta(sdir, meta)
     return meta
 
@@ -801,7 +803,8 @@ def print_summary(exp: Experiment, sdir: Path, meta: dict[str, Any]) -> None:
     print(f"\ntrials:  {paths.trials}\nmetrics: {paths.metrics}\nevaluation: {sdir / 'evaluation.parquet'}")
     for T, d in sorted(meta.get("exports", {}).items(), key=lambda kv: int(kv[0])):
         print(f"exported T={T}: {sdir / d}")
-    print(f"sweep: {meta.get('sweep_seconds')} s (+{meta.get('prepare_seconds')} s preparation)")
+    final = f", +{meta['final_seconds']} s final protocol and export" if "final_seconds" in meta else ""
+    print(f"sweep: {meta.get('sweep_seconds')} s (+{meta.get('prepare_seconds')} s preparation{final})")
 
 
 def pareto_front(trials: Any) -> Any:
