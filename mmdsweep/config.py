@@ -917,14 +917,20 @@ def cli_parser(prog: str, description: str) -> Any:
 
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("experiment", help="experiment YAML, e.g. experiments/digits.yaml")
+    add_set_argument(ap)
+    return ap
+
+
+def add_set_argument(ap: Any) -> None:
+    """The repeatable ``--set KEY=VALUE`` override of every experiment CLI (parsed by :func:`parse_override`)."""
     ap.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key (dotted, e.g. finetune.lr=1e-5; VALUE is read as YAML, e.g. '{torchvision:mobilenet_v2: 32}'; repeatable)",
+        help="override a config key (dotted, e.g. finetune.lr=1e-5; VALUE is read as YAML, "
+        "e.g. '{torchvision:mobilenet_v2: 32}'; repeatable)",
     )
-    return ap
 
 
 def write_resolved(exp: Experiment, directory: str | os.PathLike[str]) -> Path:

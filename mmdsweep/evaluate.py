@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmdsweep.config import ConfigError, parse_override
+from mmdsweep.config import ConfigError, add_set_argument, parse_override
 from mmdsweep.train.protocol import (  # noqa: F401  (re-exported: the CLI's public names)
     BASELINE_CACHE_VERSION,
     BASELINE_SAMPLERS,
@@ -66,13 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--baselines", action="store_true", help="also every training-free baseline of the base model"
     )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (dotted, e.g. finetune.lr=1e-5; VALUE is read as YAML, e.g. '{torchvision:mobilenet_v2: 32}'; repeatable)",
-    )
+    add_set_argument(ap)
     ap.add_argument("--out", help="evaluation.parquet to append to (default: beside the checkpoint)")
     ap.add_argument("--dry-run", action="store_true", help="check the arguments and files, then stop")
     args = ap.parse_args(argv)
