@@ -70,7 +70,7 @@ def verdict_lines(rows: Any, primary: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("experiment")
+    ap.add_argument("experiment", nargs="?", help="experiment YAML (not needed with --verdicts)")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the experiment")
     ap.add_argument("--T", type=int, default=5)
     ap.add_argument("--steps", type=int, default=60)
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = pd.read_parquet(args.verdicts)
         print("\n".join(verdict_lines(rows, str(rows[rows["kind"] == "model"]["space"].iloc[0]))))
         return 0
+    if args.experiment is None:
+        ap.error("the experiment YAML is required (unless --verdicts)")
     quiet_diffusers()
     device = torch.device("cpu")
     exp = load_experiment(args.experiment, dict(parse_override(s) for s in args.set)).with_overrides(
