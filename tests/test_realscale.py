@@ -90,12 +90,20 @@ def run_cli(module: str, args: list[str], rs: RealScale, timeout: float) -> subp
     )
 
 
+def _trial_errors(sdir: Path) -> str:
+    """Tune's error files of the sweep's trials (the whole tracebacks), for a failure message."""
+    texts = [f"--- {p.relative_to(sdir)}\n{p.read_text()[-3000:]}" for p in sorted(sdir.rglob("error.txt"))]
+    return "\n".join(texts) or "(no error.txt under the sweep)"
+
+
 def check_sweep(sdir: Path, printed: str, *, resolution: int, num_trials: int) -> None:
     """The sweep's Parquet files, its exports (loaded with plain diffusers) and the report."""
     trials = pd.read_parquet(sdir / "trials.parquet")
     metrics = pd.read_parquet(sdir / "metrics.parquet")
     assert len(trials) == num_trials and trials["trial_id"].is_unique, trials
-    assert set(trials["status"]) <= {"completed", "early-stopped"}, trials[["trial_id", "status", "error"]]
+    assert set(trials["status"]) <= {"completed", "early-stopped"}, (
+        f"{trials[['trial_id', 'status', 'error']].to_string()}\n{_trial_errors(sdir)}"
+    )
     assert trials["best_fid"].notna().all(), trials
     assert set(metrics["trial_id"]) == set(trials["trial_id"])
     assert (metrics["step"] == 2).sum() >= 1 and metrics["fid"].notna().all()

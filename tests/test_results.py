@@ -854,3 +854,43 @@ def test_schema1_sweep_resumes_and_compacts_to_schema2(tmp_path: Path) -> None:
     trials = R.read_trials(out).set_index("trial_id")
     assert set(trials.index) == {"a0", "b0", "c0"} and trials.loc["a0", "best_fid"] == 30.0
     assert trials.loc["a0", "param.sampler.timesteps"] == 5  # a parameter of the first run only
+
+
+def test_trial_error_names_the_worker_exception_behind_ray_train_wrappers() -> None:
+    """Ray Train reports a failed trial as WorkerGroupError; the row names the worker's error."""
+    from types import SimpleNamespace
+
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from mmdsweep.sweep.callback import trial_error_message
+
+    def message(exc: BaseException, tmp: Path | None = None) -> str:
+        if tmp is None:
+            return trial_error_message(SimpleNamespace(pickled_error_file=None, get_pickled_error=lambda: exc))
+        path = tmp / "error.pkl"  # as Tune writes it: cloudpickle of the exception
+        path.write_bytes(ray.cloudpickle.dumps(exc))
+        return trial_error_message(SimpleNamespace(pickled_error_file=str(path)))
+
+    user = UserExceptionWithTraceback(ValueError("kernel bandwidth must be > 0\nsecond line"), "Traceback ...")
+    other = UserExceptionWithTraceback(RuntimeError("rank 3 failed too"), "Traceback ...")
+    group = WorkerGroupError("[Rank 1] ...\n[Rank 3] ...", {3: other, 1: user})
+    with tempfile.TemporaryDirectory() as tmp:
+        assert message(group, Path(tmp)) == "ValueError: kernel bandwidth must be > 0 (worker rank 1)"
+    assert message(ControllerError(RuntimeError("no checkpoint to resume"))) == "RuntimeError: no checkpoint to resume"
+
+    died = ActorDiedError(
+        ActorDiedErrorContext(
+            error_message="The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR "
+            "Worker exit detail: Task was killed due to the node running low on memory.",
+            actor_id=b"\x01" * 16,
+            class_name="RayTrainWorker",
+        )
+    )
+    killed = WorkerGroupError("[Rank 0] ...", {0: WorkerHealthCheckFailedError("Worker health check failed.", died)})
+    got = message(killed)
+    assert got.startswith("ActorDiedError: The actor died unexpectedly") and got.endswith("(worker rank 0)"), got
+    assert "running low on memory" in got, got
+    assert message(ValueError("plain")) == "ValueError: plain"

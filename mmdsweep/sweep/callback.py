@@ -169,13 +169,51 @@ def _first_line(text: str) -> str:
     return text.strip()
 
 
+def _root_cause(exc: BaseException) -> tuple[BaseException, int | None]:
+    """The user's exception behind Ray's wrappers, and the Train worker rank that raised it.
+
+    Ray Train (v2) reports a failed worker group as ``WorkerGroupError`` whose
+    ``worker_failures`` maps world rank -> exception (a user exception, or a health-check
+    failure carrying e.g. ``ActorDiedError`` for a killed worker); a failed controller as
+    ``ControllerError.controller_failure``; Ray tasks as ``RayTaskError.cause``. The lowest
+    failing rank is followed.
+    """
+    rank: int | None = None
+    for _ in range(8):  # wrappers nest a few levels at most
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, Mapping) and failures:
+            rank = min(failures)
+            exc = failures[rank]
+            continue
+        inner = next(
+            (
+                getattr(exc, name)
+                for name in ("controller_failure", "health_check_failure", "_base_exc", "cause")
+                if isinstance(getattr(exc, name, None), BaseException)
+            ),
+            None,
+        )
+        if inner is None:
+            break
+        exc = inner
+    return exc, rank
+
+
 def _format_exception(exc: BaseException) -> str:
-    """``"Type: first line"`` of the user's exception behind a Ray error."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        exc = cause
-    message = _first_line(str(exc))
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    """``"Type: first line"`` of the user's exception behind Ray's wrappers.
+
+    A Train worker's failure gets ``" (worker rank R)"``; a killed worker (``ActorDiedError``)
+    also gets Ray's ``Worker exit detail`` line, which says e.g. that the memory monitor killed
+    it, since the first line only says that the actor died.
+    """
+    root, rank = _root_cause(exc)
+    text = str(root)
+    message = _first_line(text)
+    detail = next((line.strip() for line in text.splitlines() if "exit detail" in line.lower()), "")
+    if detail and detail != message:
+        message = f"{message} {detail}"
+    out = f"{type(root).__name__}: {message}" if message else type(root).__name__
+    return out if rank is None else f"{out} (worker rank {rank})"
 
 
 def trial_error_message(trial: Trial) -> str:
