@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         f"# FID vs fine-tuning wall time at T={args.T}",
         "",
         f"`python benchmarks/quality_vs_time.py {args.experiment} --T {args.T} --steps {args.steps} "
-        f"--eval-every {args.eval_every}" + "".join(f" --set {s}" for s in args.set) + "` "
+        f"--eval-every {args.eval_every}"
+        + ("" if args.modes == ["weights", "timesteps", "both"] else f" --modes {' '.join(args.modes)}")
+        + "".join(f" --set {s}" for s in args.set)
+        + "` "
         f"({platform.machine()}, {torch.get_num_threads()} torch thread(s), {total / 60:.1f} min in all).",
         "",
         f"Final protocol: reference {evaluator.reference_name}, N = {N} images x k = {len(seeds)} fresh seeds "

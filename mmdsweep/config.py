@@ -354,6 +354,12 @@ class FinetuneConfig:
     real_batch_size: Int | None = Field(
         default=None, ge=2, description="real images per step (null: batch_size x workers)"
     )
+    noise_batches: Int | None = Field(
+        default=None,
+        ge=1,
+        description="distinct training batches (noise and real minibatch) cycled through: step s uses batch "
+        "s mod noise_batches (null: fresh ones every step)",
+    )
     lr: Float = Field(default=2e-5, gt=0, description="learning rate of the weights")
     optimizer: Literal["adam", "adamw"] = Field(default="adam", description="optimizer")
     weight_decay: Float = Field(default=0.0, ge=0, description="weight decay")

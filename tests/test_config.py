@@ -71,6 +71,7 @@ def test_digits_experiment_loads_with_defaults() -> None:
             "finetune:\n  steps: 10\n  lr_scheduler: cosine\n  lr_warmup_steps: 10\n",
             "x.yaml: finetune.lr_warmup_steps: must be below finetune.steps (10), got 10",
         ),
+        ("finetune:\n  noise_batches: 0\n", "x.yaml: finetune.noise_batches: must be >= 1, got 0"),
         (
             "finetune:\n  lr_scheduler: cosine_with_restarts\n",
             "x.yaml: finetune.lr_scheduler: must be one of 'constant', 'constant_with_warmup', 'linear', 'cosine'",

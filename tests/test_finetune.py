@@ -139,6 +139,24 @@ def test_finetuning_lowers_the_training_objective(tiny_yaml: Path, tmp_path: Pat
     assert float(diff.mean()) < -3 * stderr, (before.tolist(), after.tolist())
 
 
+def test_noise_batches_cycles_a_fixed_set_of_training_batches(tiny_yaml: Path) -> None:
+    """finetune.noise_batches=k: step s and step s+k see the same noise and real minibatch (the same
+    objective for the same parameters); null (the default) draws fresh ones every step."""
+    losses: dict[int | None, list[float]] = {}
+    for k in (None, 2):
+        exp = load_experiment(tiny_yaml).with_overrides({"finetune.noise_batches": k, "finetune.batch_size": 4})
+        setup = build_setup(exp, torch.device("cpu"), evaluate=False)
+        ts = select_timesteps(exp.sampler.timesteps, 1000)
+        with torch.no_grad():
+            losses[k] = [
+                float(mmd_loss(setup, setup.denoiser.unet, s, ts, kernel_spec(exp), 16)[0]) for s in (0, 1, 2, 3, 5)
+            ]
+    fresh, cycled = losses[None], losses[2]
+    assert len(set(fresh)) == 5, fresh  # every step its own batch
+    assert cycled[0] == cycled[2] == fresh[0] and cycled[1] == cycled[3] == cycled[4] == fresh[1], cycled
+    assert cycled[0] != cycled[1]
+
+
 def _dist_worker(rank: int, world: int, init_file: str, yaml_path: str, out: str) -> None:
     import torch.distributed as dist
 

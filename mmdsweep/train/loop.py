@@ -48,6 +48,7 @@ from mmdsweep.assets.models import Denoiser, save_denoiser
 from mmdsweep.config import (
     ConfigError,
     Experiment,
+    FinetuneConfig,
     load_experiment,
     parse_override,
     write_resolved,
@@ -147,6 +148,19 @@ def chain_noise(
         return x_T, None
     z = noise_mod.step_noise(shape, num_steps, seed=seed, role="train", key=step, start=start, count=count)
     return x_T, z.to(device)
+
+
+def batch_index(ft: FinetuneConfig, step: int) -> int:
+    """Which training batch (noise and real minibatch) optimisation step ``step`` uses.
+
+    ``step`` itself (fresh noise every step, the MMD-DDM paper's setting), or ``step mod
+    finetune.noise_batches``: a fixed set of batches cycled through (common random numbers). With
+    a fixed set the objective is one deterministic function of the parameters, as in LD3 (Tong et
+    al., ICLR 2025), which learns a timestep grid on a fixed set of noise samples; for a handful of grid
+    parameters this removes the step-to-step noise that makes Adam's normalised steps wander.
+    """
+    k = ft.noise_batches
+    return step if k is None else step % k
 
 
 def kernel_spec(exp: Experiment) -> KernelSpec:
@@ -398,7 +412,7 @@ def generate_features(
     x_T, z = chain_noise(
         shape,
         seed=ft.seed + exp.seed,
-        step=step,
+        step=batch_index(ft, step),
         start=start,
         count=count,
         num_steps=timesteps.T if isinstance(timesteps, TimeGrid) else len(timesteps),
@@ -440,7 +454,7 @@ def generate_features(
 def make_loss_fn(setup: Setup, step: int, spec: KernelSpec, real_global: int) -> Any:
     """``loss_fn(global_fake_features) -> (MMD^2, info)`` against this step's real minibatch."""
     exp, ft = setup.exp, setup.exp.finetune
-    real_gen = noise_mod.real_batch_generator(ft.seed + exp.seed, step)
+    real_gen = noise_mod.real_batch_generator(ft.seed + exp.seed, batch_index(ft, step))
     real = setup.bank.sample(real_global, real_gen).to(setup.device)
 
     def loss_fn(fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
