@@ -144,12 +144,15 @@ def test_noise_batches_cycles_a_fixed_set_of_training_batches(tiny_yaml: Path) -
     objective for the same parameters); null (the default) draws fresh ones every step."""
     losses: dict[int | None, list[float]] = {}
     for k in (None, 2):
-        exp = load_experiment(tiny_yaml).with_overrides({"finetune.noise_batches": k, "finetune.batch_size": 4})
+        exp = load_experiment(tiny_yaml).with_overrides(
+            {"finetune.noise_batches": k, "finetune.batch_size": 4}
+        )
         setup = build_setup(exp, torch.device("cpu"), evaluate=False)
         ts = select_timesteps(exp.sampler.timesteps, 1000)
         with torch.no_grad():
             losses[k] = [
-                float(mmd_loss(setup, setup.denoiser.unet, s, ts, kernel_spec(exp), 16)[0]) for s in (0, 1, 2, 3, 5)
+                float(mmd_loss(setup, setup.denoiser.unet, s, ts, kernel_spec(exp), 16)[0])
+                for s in (0, 1, 2, 3, 5)
             ]
     fresh, cycled = losses[None], losses[2]
     assert len(set(fresh)) == 5, fresh  # every step its own batch

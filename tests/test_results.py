@@ -869,17 +869,24 @@ def test_trial_error_names_the_worker_exception_behind_ray_train_wrappers() -> N
 
     def message(exc: BaseException, tmp: Path | None = None) -> str:
         if tmp is None:
-            return trial_error_message(SimpleNamespace(pickled_error_file=None, get_pickled_error=lambda: exc))
+            return trial_error_message(
+                SimpleNamespace(pickled_error_file=None, get_pickled_error=lambda: exc)
+            )
         path = tmp / "error.pkl"  # as Tune writes it: cloudpickle of the exception
         path.write_bytes(ray.cloudpickle.dumps(exc))
         return trial_error_message(SimpleNamespace(pickled_error_file=str(path)))
 
-    user = UserExceptionWithTraceback(ValueError("kernel bandwidth must be > 0\nsecond line"), "Traceback ...")
+    user = UserExceptionWithTraceback(
+        ValueError("kernel bandwidth must be > 0\nsecond line"), "Traceback ..."
+    )
     other = UserExceptionWithTraceback(RuntimeError("rank 3 failed too"), "Traceback ...")
     group = WorkerGroupError("[Rank 1] ...\n[Rank 3] ...", {3: other, 1: user})
     with tempfile.TemporaryDirectory() as tmp:
         assert message(group, Path(tmp)) == "ValueError: kernel bandwidth must be > 0 (worker rank 1)"
-    assert message(ControllerError(RuntimeError("no checkpoint to resume"))) == "RuntimeError: no checkpoint to resume"
+    assert (
+        message(ControllerError(RuntimeError("no checkpoint to resume")))
+        == "RuntimeError: no checkpoint to resume"
+    )
 
     died = ActorDiedError(
         ActorDiedErrorContext(
@@ -889,8 +896,12 @@ def test_trial_error_names_the_worker_exception_behind_ray_train_wrappers() -> N
             class_name="RayTrainWorker",
         )
     )
-    killed = WorkerGroupError("[Rank 0] ...", {0: WorkerHealthCheckFailedError("Worker health check failed.", died)})
+    killed = WorkerGroupError(
+        "[Rank 0] ...", {0: WorkerHealthCheckFailedError("Worker health check failed.", died)}
+    )
     got = message(killed)
-    assert got.startswith("ActorDiedError: The actor died unexpectedly") and got.endswith("(worker rank 0)"), got
+    assert got.startswith("ActorDiedError: The actor died unexpectedly") and got.endswith(
+        "(worker rank 0)"
+    ), got
     assert "running low on memory" in got, got
     assert message(ValueError("plain")) == "ValueError: plain"
