@@ -260,6 +260,7 @@ def test_fid_uses_one_root_and_equals_cleanfid() -> None:
 def test_rank_deficient_warning_is_recorded_not_silenced() -> None:
     from mmdsweep.assets import metrics as M
 
+    M.forget_shown_warnings()
     rng = np.random.default_rng(0)
     caught: list[str] = []
     with pytest.warns(M.MetricWarning) as shown, M.collect_warnings(caught):
@@ -270,3 +271,28 @@ def test_rank_deficient_warning_is_recorded_not_silenced() -> None:
     texts = [str(w.message) for w in shown]
     assert texts and not any(t.startswith("MetricWarning") for t in texts), texts
     assert len(texts) == len(set(texts)), texts
+
+
+def test_repeated_warning_is_recorded_every_time_and_shown_once() -> None:
+    """Each block records its warnings (the evaluation rows stay complete); the console copy of a message
+    is re-emitted only the first time (a sweep used to print the same line once per evaluation)."""
+    import warnings
+
+    from mmdsweep.assets import metrics as M
+
+    M.forget_shown_warnings()
+    rng = np.random.default_rng(1)
+    records: list[list[str]] = []
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            caught: list[str] = []
+            with M.collect_warnings(caught):
+                M.fid(rng.normal(size=(20, 64)), rng.normal(size=(500, 64)))
+            records.append(caught)
+    assert all(any("only 20 generated samples" in w for w in r) for r in records), records
+    texts = [str(w.message) for w in shown if issubclass(w.category, M.MetricWarning)]
+    assert len(texts) == len(set(texts)) and any("only 20 generated samples" in t for t in texts), texts
+    M.forget_shown_warnings()
+    with pytest.warns(M.MetricWarning, match="only 20 generated samples"), M.collect_warnings([]):
+        M.fid(rng.normal(size=(20, 64)), rng.normal(size=(500, 64)))
