@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mmdsweep.config import load_experiment, parse_override
+from mmdsweep.config import add_set_argument, load_experiment, parse_override
 from mmdsweep.core.timegrid import TimeGrid, legacy_spacing
 from mmdsweep.train.loop import Setup, build_setup, kernel_spec, mmd_loss
 from mmdsweep.utils import set_threads
@@ -74,7 +74,7 @@ def pair_cosines(gs: list[torch.Tensor]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("experiment")
-    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the experiment")
+    add_set_argument(ap)
     ap.add_argument("--spaces", nargs="+", default=["torchvision:mobilenet_v2", "classifier"])
     ap.add_argument("--gen", nargs="+", type=int, default=[8, 16, 32, 64], help="generated batch sizes")
     ap.add_argument("--real", nargs="+", type=int, default=[32, 128, 512], help="real batch sizes")

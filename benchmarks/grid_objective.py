@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mmdsweep.config import load_experiment, parse_override
+from mmdsweep.config import add_set_argument, load_experiment, parse_override
 from mmdsweep.core.mmd import mmd2_unbiased
 from mmdsweep.core.noise import initial_noise
 from mmdsweep.core.sampling import sample
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("experiment")
     ap.add_argument("--parquet", nargs="+", required=True, help="benchmarks/quality_vs_time.py output(s)")
-    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the experiment")
+    add_set_argument(ap)
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1001, 1002, 1003])
     ap.add_argument("--out", default="benchmarks/results/grid_objective.md")

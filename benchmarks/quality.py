@@ -47,7 +47,9 @@ def main() -> int:
     )
     ap.add_argument("--samplers", nargs="+", default=None, help="baseline samplers (default: all)")
     ap.add_argument("--spacings", nargs="+", default=None, help="baseline spacings (default: all)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
+    from mmdsweep.config import add_set_argument
+
+    add_set_argument(ap)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
     ap.add_argument("--parquet", default=str(ROOT / "benchmarks" / "results" / "evaluation.parquet"))
     args = ap.parse_args()

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mmdsweep.config import load_experiment, parse_override
+from mmdsweep.config import add_set_argument, load_experiment, parse_override
 from mmdsweep.inference.generate import prepare_model, quiet_diffusers
 from mmdsweep.train import protocol as ev
 from mmdsweep.train.loop import run_finetune
@@ -71,7 +71,7 @@ def verdict_lines(rows: Any, primary: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("experiment", nargs="?", help="experiment YAML (not needed with --verdicts)")
-    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the experiment")
+    add_set_argument(ap)
     ap.add_argument("--T", type=int, default=5)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=20)

@@ -26,7 +26,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", nargs="?", default=str(ROOT / "experiments" / "digits.yaml"))
     ap.add_argument("--steps", type=int, nargs=2, default=[10, 30])
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    from mmdsweep.config import add_set_argument
+
+    add_set_argument(ap)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ray_overhead.md"))
     args = ap.parse_args()

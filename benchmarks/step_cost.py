@@ -145,7 +145,9 @@ def main() -> int:
         default="default",
         help="the experiment's UNet, or a random-weight UNet with google/ddpm-cifar10-32's architecture",
     )
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
+    from mmdsweep.config import add_set_argument
+
+    add_set_argument(ap)
     ap.add_argument("--in-process", action="store_true", help="measure all in this process (fine on CUDA)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_cost.md"))
     ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
