@@ -2,7 +2,8 @@
 
 Every training-free baseline (DDIM, DPM-Solver++(2M), DPM-Solver++(3M), UniPC-bh2, each on the leading,
 trailing, linspace and quadratic grids) at T = 5 and 10, DDIM (its standard leading grid) at T = 50 and 100,
-and optionally fine-tuned checkpoints (``--finetuned DIR ...``, their recorded chains), each scored with
+real training images (the metric's floor: :func:`mmdsweep.train.protocol.real_floor_rows`) and optionally
+fine-tuned checkpoints (``--finetuned DIR ...``, their recorded chains), each scored with
 k >= 3 fresh noise seeds (``eval.final_seeds``) x N images against the HELD-OUT reference (the digits test
 split, never seen by pretraining, the bank or selection), in the classifier space (primary) and the
 MobileNetV2 space, reported as mean +- std (ddof=1) over the seeds.  Real and generated images get the same
@@ -92,6 +93,7 @@ def main() -> int:
         spacings=tuple(args.spacings or ev.BASELINE_SPACINGS),
         show_progress=True,
     )
+    rows += ev.real_floor_rows(exp, evaluator, den.channels)
     for ckpt in args.finetuned:
         t0 = time.time()
         rows += ev.final_rows_for_model(exp, ckpt, evaluator, device=device)
@@ -167,6 +169,14 @@ def main() -> int:
                     f"| {T} | fine-tuned {r['sampler']} ({r['trial_id'] or Path(str(r['model'])).name}) | "
                     f"{_fmt(r['fid_mean'], r['fid_std'])} ({r['spacing']}) | | | |"
                 )
+        real = s[s["kind"] == "real"]
+        for _, r in real.iterrows():
+            lines += [
+                "",
+                f"Real training images (the bank, a seeded subset of N = {int(r['num_samples'])} per seed) scored "
+                f"the same way: **{_fmt(r['fid_mean'], r['fid_std'])}**, the metric's floor at this N: a sampler "
+                "that drew exactly from the training data would score this; no chain is expected below it.",
+            ]
         warns = sorted({w for w in s["warnings"] if w})
         if warns:
             lines += ["", "Metric warnings (not silenced):", "", *[f"* {w}" for w in warns]]

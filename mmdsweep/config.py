@@ -472,6 +472,10 @@ class EvalConfig:
         default=0.1, gt=0, le=0.5, description="held-out fraction for datasets without a test split, (0, 0.5]"
     )
     baselines: Bool = Field(default=True, description="measure every training-free baseline per T (cached)")
+    real_floor: Bool = Field(
+        default=True,
+        description="score real training images under the final protocol too: the metric's floor (cached)",
+    )
     speed_timesteps: list[Annotated[int, Strict(), at.Ge(1)]] = Field(
         default_factory=lambda: [5, 10, 20, 50],
         description="T values at which the sweep times the base model's sampling (plus every trial's T)",

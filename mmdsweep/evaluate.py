@@ -9,7 +9,8 @@ The **final protocol** (docs/results.md): for each fresh noise seed in ``eval.fi
 evaluation space against the final reference (``eval.final_reference``: the held-out split by default), then
 mean +- std (ddof=1) over the seeds.  ``--baselines`` adds every training-free baseline of the base model
 (each sampler x each spacing) at the same T under the same protocol, computed once and cached (key: model +
-protocol + chain).  Rows go to a versioned ``evaluation.parquet`` (:func:`evaluation_schema`).
+protocol + chain), and (with ``eval.real_floor``) real training images scored the same way: the metric's floor
+(rows of kind ``real``, T = 0).  Rows go to a versioned ``evaluation.parquet`` (:func:`evaluation_schema`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mmdsweep.train.protocol import (  # noqa: F401  (re-exported: the CLI's pub
     final_rows_for_model,
     format_summary,
     gain_vs_best_baseline,
+    real_floor_rows,
     rows_from_results,
     summarize,
     write_evaluation,
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--num-samples", type=int, help="override eval.final_num_samples")
     ap.add_argument(
-        "--baselines", action="store_true", help="also every training-free baseline of the base model"
+        "--baselines",
+        action="store_true",
+        help="also every training-free baseline of the base model (and, with eval.real_floor, real training images: the floor)",
     )
     add_set_argument(ap)
     ap.add_argument("--out", help="evaluation.parquet to append to (default: beside the checkpoint)")
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
         src = comp.resolve_model_source(exp)
         rows += baseline_rows(exp, src.model_dir, ts, evaluator, show_progress=True)
+        if exp.eval.real_floor:
+            rows += real_floor_rows(exp, evaluator, den.channels)
     out = Path(args.out) if args.out else ckpt / EVALUATION_FILE
     write_evaluation(rows, out)
     print(format_summary(summarize(rows), exp.features.eval))

@@ -636,7 +636,8 @@ def final_evaluation(
     Each entry: ``T``, ``train`` (the ``finetune.train`` mode), ``exported``, ``trial_id``, ``selection_fid``,
     ``fid_mean``/``fid_std`` (final protocol), ``k``, ``num_samples``, ``reference``, ``space``, ``primary``,
     ``warnings`` and, with baselines, ``best_baseline``, ``baseline_fid_mean``/``baseline_fid_std``, ``gain``,
-    ``diff_std``, ``beyond_2std``."""
+    ``diff_std``, ``beyond_2std``; with ``eval.real_floor``, ``floor_fid_mean``/``floor_fid_std``/
+    ``floor_num_samples`` (real training images under the same protocol: the metric's floor)."""
     import pandas as pd
 
     from mmdsweep.inference.generate import prepare_model
@@ -657,6 +658,8 @@ def final_evaluation(
         )
     if exp.eval.baselines:
         rows += ev.baseline_rows(exp, base_dir, sorted({c.timesteps for c in candidates}), evaluator)
+    if exp.eval.real_floor:
+        rows += ev.real_floor_rows(exp, evaluator, den.channels)
     ev.write_evaluation(rows, SweepLayout(sdir).evaluation, append=False)
     comparison = final_comparison(rows, exp.features.eval)
     by_trial = {c.trial_id: c for c in candidates}
@@ -681,6 +684,12 @@ def final_evaluation(
             "primary": bool(r["primary"]),
             "warnings": str(r["warnings"]),
         }
+        if int(r["floor_num_samples"]) > 0:
+            entry.update(
+                floor_fid_mean=float(r["floor_fid_mean"]),
+                floor_fid_std=float(r["floor_fid_std"]),
+                floor_num_samples=int(r["floor_num_samples"]),
+            )
         if pd.notna(r["best_baseline"]):
             entry.update(
                 best_baseline=str(r["best_baseline"]),
@@ -709,7 +718,9 @@ def format_final_table(final: list[dict[str, Any]]) -> str:
     """The sweep's final table, per evaluation space (in the order of ``final``: the primary space first):
     per (T, ``finetune.train`` mode) candidate the selection FID, the final FID +- std of the fine-tuned model
     and of the best training-free baseline at that T, and whether the difference exceeds 2 std; then the
-    protocol (k seeds x N, reference) and the metric warnings of that space. ``*`` marks the exported model."""
+    protocol (k seeds x N, reference) and the metric warnings of that space. ``*`` marks the exported model.
+    With ``floor_fid_mean`` in the entries, a ``real data`` line gives the FID of real training images under the
+    same protocol (the metric's floor at that N)."""
     if not final:
         return "(no final evaluation)"
     spaces = list(dict.fromkeys(str(e.get("space", "")) for e in final))
@@ -737,6 +748,15 @@ def format_final_table(final: list[dict[str, Any]]) -> str:
                 f"{_verdict(e)}"
             )
         e0 = entries[0]
+        if "floor_fid_mean" in e0:
+            n_floor = (
+                "" if e0["floor_num_samples"] == e0["num_samples"] else f" (N={e0['floor_num_samples']})"
+            )
+            floor = f"{e0['floor_fid_mean']:.3f} +- {e0['floor_fid_std']:.3f}"
+            lines.append(
+                f"{'':>4}  {'real data':<10} {'':>13}  {floor:>18}  training images scored the same way{n_floor}: "
+                "the metric's floor at this N (a sampler is not expected below it)"
+            )
         lines.append(
             f"final protocol: {e0['k']} fresh noise seeds x N={e0['num_samples']}, reference {e0['reference']}, "
             f"space {space}; mean +- std (ddof=1) over seeds; "

@@ -167,6 +167,83 @@ def test_final_protocol_and_cached_baselines(
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
 
 
+def test_real_floor_scores_bank_images_under_the_final_protocol(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The floor rows score real training images of the bank (never the held-out reference), a seeded subset
+    per final seed with the protocol's N; with N above the bank size every seed scores the whole bank, and the
+    FID then equals clean-fid's fid_from_feats on the same features; the rows are cached."""
+    from cleanfid.fid import fid_from_feats
+    from conftest import tiny_config
+
+    from mmdsweep import evaluate as ev
+    from mmdsweep.results.evaluation import final_comparison
+
+    cfg = tiny_config(tiny_root)
+    cfg["eval"].update({"final_seeds": [7, 8, 9], "final_num_samples": 40, "kid_subset_size": 20})
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    exp = load_experiment(tmp_path / "t.yaml")
+    evaluator = ev.build_final_evaluator(exp, 1, torch.device("cpu"))
+    bank, _ = comp.role_dataset(exp, "bank", 1)
+    bank_x = torch.stack([bank[i][0] for i in range(len(bank))])
+    heldout, _ = comp.role_dataset(exp, "heldout", 1)
+    held_x = torch.stack([heldout[i][0] for i in range(len(heldout))])
+
+    seen: list[torch.Tensor] = []
+    score = evaluator.evaluate_images
+
+    def spy(images: torch.Tensor, **kw: Any) -> Any:
+        seen.append(images)
+        return score(images, **kw)
+
+    monkeypatch.setattr(evaluator, "evaluate_images", spy)
+    rows = ev.real_floor_rows(exp, evaluator, 1, cache_dir=tmp_path / "cache")
+    assert {(r["kind"], r["sampler"], r["timesteps"], r["seed"], r["space"]) for r in rows} == {
+        ("real", "real", 0, s, "classifier") for s in (7, 8, 9)
+    }
+    assert all(
+        r["num_samples"] == 40 and r["reference"] == "digits:heldout" and r["preprocessing"] for r in rows
+    )
+    flat_bank = bank_x.flatten(1)
+    for images in seen:
+        assert images.shape == (40, *bank_x.shape[1:])
+        match = (images.flatten(1)[:, None, :] == flat_bank[None]).all(-1)
+        assert match.any(1).all() and len(set(match.int().argmax(1).tolist())) == 40  # distinct bank images
+        assert not (images.flatten(1)[:, None, :] == held_x.flatten(1)[None]).all(-1).any()
+    assert len({r["fid"] for r in rows}) == 3  # a fresh subset per seed
+    monkeypatch.setattr(
+        evaluator, "evaluate_images", lambda *a, **k: pytest.fail("recomputed a cached floor")
+    )
+    assert ev.real_floor_rows(exp, evaluator, 1, cache_dir=tmp_path / "cache") == rows
+
+    # N above the bank: the whole bank for every seed, equal to clean-fid on the same features
+    big = exp.with_overrides({"eval.final_num_samples": len(bank) + 50})
+    big_eval = ev.build_final_evaluator(big, 1, torch.device("cpu"))
+    whole = ev.real_floor_rows(big, big_eval, 1, cache_dir=tmp_path / "cache")
+    assert {r["num_samples"] for r in whole} == {len(bank)} and len({round(r["fid"], 9) for r in whole}) == 1
+    space = big_eval.spaces["classifier"]
+    expected = fid_from_feats(space(bank_x).double().numpy(), space(held_x).double().numpy())
+    assert whole[0]["fid"] == pytest.approx(expected, rel=1e-4)  # float32 features in batches of 48 vs one
+
+    # the comparison carries the floor of the model's space and reference
+    model_rows = [
+        {
+            **r,
+            "kind": "model",
+            "sampler": "ddim",
+            "timesteps": 3,
+            "trial_id": "t",
+            "model": "m",
+            "fid": r["fid"] + 1.0,
+        }
+        for r in rows
+    ]
+    comp_df = final_comparison(model_rows + rows, "classifier")
+    assert comp_df["floor_fid_mean"].iloc[0] == pytest.approx(float(np.mean([r["fid"] for r in rows])))
+    assert comp_df["floor_num_samples"].iloc[0] == 40
+    assert math.isnan(final_comparison(model_rows, "classifier")["floor_fid_mean"].iloc[0])
+
+
 def test_fid_equals_cleanfid_folder_computation(tiny_root: Path, tmp_path: Path) -> None:
     """Our FID of the PNGs mmdsweep.sample writes equals clean-fid's compute_fid(folder, folder, mode="clean")
     with the same (random, TorchScript) network: same uint8 quantisation, same PIL-bicubic resize to 299."""

@@ -186,6 +186,9 @@ def test_report_final_protocol_section(built: tuple[Path, str, float]) -> None:
     ):
         assert needle in final, needle
     classifier = final[final.index("Space classifier") : final.index("Space inception")]
+    # the floor (real training images, fixture 0.8 +- 0.1) under the classifier table only
+    assert "Real training images scored the same way (N = 64 per seed): final FID 0.800 ± 0.100" in classifier
+    assert final.count("Real training images scored the same way") == 1
     rows = re.findall(r"<tr>(.*?)</tr>", classifier, re.S)[1:]  # header first
     assert len(rows) == 2
     assert ">better<" in rows[0] and "noise" not in rows[0]

@@ -240,6 +240,7 @@ def test_final_evaluation_entries_and_table(tmp_path: Path, monkeypatch: pytest.
         ("inception", 5, "model", "b"): [12.9, 13.0, 13.1],  # worse than 10.0 +- 0.1, > 2 std
         ("inception", 5, "model", "a"): [9.0, 9.5, 10.0],
         ("inception", 5, "baseline", "ddim/leading"): [9.9, 10.0, 10.1],
+        ("classifier", 0, "real", "real/"): [0.7, 0.8, 0.9],  # the floor: real training images
     }
     rows = _eval_rows(spec)
     ev = SimpleNamespace(
@@ -250,6 +251,7 @@ def test_final_evaluation_entries_and_table(tmp_path: Path, monkeypatch: pytest.
         baseline_rows=lambda exp, base, ts, evaluator: [
             r for r in rows if r["kind"] == "baseline" and r["timesteps"] in ts
         ],
+        real_floor_rows=lambda exp, evaluator, channels: [r for r in rows if r["kind"] == "real"],
         write_evaluation=write_evaluation,
     )
     monkeypatch.setattr(
@@ -299,6 +301,10 @@ def test_final_evaluation_entries_and_table(tmp_path: Path, monkeypatch: pytest.
         re.M,
     )
     assert "worse by 3.000 (> 2 x 0.000)" in text
+    # the floor line under the classifier rows only (no real rows for inception)
+    floor = [ln for ln in lines if "real data" in ln]
+    assert len(floor) == 1 and "0.800 +- 0.100" in floor[0] and lines.index(floor[0]) < proto[0]
+    assert b["floor_fid_mean"] == pytest.approx(0.8) and "floor_fid_mean" not in ib
     assert "final protocol: 3 fresh noise seeds x N=16, reference digits:heldout, space inception" in text
     assert "metric warning (inception): N=16 is small" in text
     assert tune.format_final_table([]) == "(no final evaluation)"

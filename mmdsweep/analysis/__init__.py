@@ -372,7 +372,9 @@ def final_table(sweep: Sweep, space: str | None = None) -> pd.DataFrame:
     ``best_baseline`` (``sampler/spacing``), ``baseline_fid_mean``/``baseline_fid_std``, ``gain``
     (baseline minus model FID: positive = fine-tuning helps), ``diff_std`` (std of the per-seed
     differences, paired by seed; sqrt(s_model^2 + s_baseline^2) when unpaired: ``paired``), ``beyond_2std`` (``|gain| > 2 diff_std``), ``verdict`` (``better``/``worse``/
-    ``within noise``), ``preprocessing``, ``warnings``, ``model``, ``sampler``, ``spacing``.
+    ``within noise``), ``preprocessing``, ``warnings``, ``model``, ``sampler``, ``spacing``,
+    ``floor_fid_mean``/``floor_fid_std``/``floor_num_samples`` (real training images scored under the same
+    protocol: the metric's floor; NaN/0 when the sweep did not measure it).
     Empty (same columns) when no ``evaluation.parquet`` was loaded.
     """
     frames = []

@@ -286,9 +286,18 @@ def _final_section(sweep: A.Sweep) -> str:
             }
         )
         classes = ["noise" if v == "within noise" else v for v in rows["verdict"]]
+        floor = ""
+        if int(rows["floor_num_samples"].iloc[0]) > 0:
+            f0 = rows.iloc[0]
+            floor = (
+                f"<p>Real training images scored the same way (N = {int(f0['floor_num_samples'])} per seed): "
+                f"final FID {html.escape(_pm(f0['floor_fid_mean'], f0['floor_fid_std']))}, the metric's floor at "
+                "this N: no sampler is expected below it.</p>"
+            )
         out.append(
             f"<h3>{html.escape(title)}</h3><p>{html.escape(_protocol_sentence(rows, str(space)))}</p>"
             + _table(shown, row_classes=classes)
+            + floor
         )
     base = A.baselines_table(sweep)
     if base.empty:

@@ -244,6 +244,41 @@ class Evaluator:
             warnings=messages,
         )
 
+    @torch.no_grad()
+    def evaluate_images(self, images: torch.Tensor, *, seed: int, label: str = "real") -> EvalResult:
+        """Score given images ``(N, C, H, W)`` in [-1, 1] (real ones: the data's own FID under this protocol)
+        in every space, with the same preprocessing and reference as a chain's samples.
+
+        The result has ``sampler=label``, ``timesteps=0``, ``spacing=""`` and no chain; ``seed`` is recorded
+        (it seeds the KID subsets, as for samples). Raises ValueError for fewer than 2 images."""
+        if images.ndim != 4 or images.shape[0] < 2:
+            raise ValueError(f"evaluate_images: expected (N >= 2, C, H, W) images, got {tuple(images.shape)}")
+        feats: dict[str, list[np.ndarray]] = {name: [] for name in self.spaces}
+        for start in range(0, images.shape[0], self.batch_size):
+            x = images[start : start + self.batch_size].to(self.device)
+            for name, space in self.spaces.items():
+                feats[name].append(space(x).double().cpu().numpy())
+        per_space: dict[str, dict[str, float]] = {}
+        messages: list[str] = []
+        for name, chunks in feats.items():
+            scores, warns = self._score(np.concatenate(chunks), self.references[name], int(seed))
+            per_space[name] = scores
+            messages += [f"{name}: {w}" for w in warns]
+        main = per_space[self.primary]
+        return EvalResult(
+            timesteps=0,
+            sampler=label,
+            num_samples=int(images.shape[0]),
+            fid=main["fid"],
+            kid=main["kid"],
+            per_space=per_space,
+            seed=int(seed),
+            reference=self.reference_name,
+            spacing="",
+            preprocessing=self.preprocessing(),
+            warnings=messages,
+        )
+
     def _score(self, f: np.ndarray, ref: ReferenceStats, seed: int) -> tuple[dict[str, float], list[str]]:
         if not np.isfinite(f).all():
             return {"fid": float("nan"), "kid": float("nan")}, ["non-finite features: FID/KID are NaN"]

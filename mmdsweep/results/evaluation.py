@@ -46,7 +46,7 @@ def evaluation_schema() -> Any:
     import pyarrow as pa
 
     fields = [
-        pa.field("kind", pa.string(), nullable=False),  # "model" | "baseline"
+        pa.field("kind", pa.string(), nullable=False),  # "model" | "baseline" | "real" (the data's own floor)
         pa.field("model", pa.string(), nullable=False),  # checkpoint path, or the base model for baselines
         pa.field("trial_id", pa.string()),
         pa.field("sampler", pa.string(), nullable=False),
@@ -259,6 +259,9 @@ FINAL_COMPARISON_COLUMNS = [
     "beyond_2std",
     "verdict",
     "warnings",
+    "floor_fid_mean",
+    "floor_fid_std",
+    "floor_num_samples",
 ]
 
 
@@ -279,7 +282,11 @@ def final_comparison(
     T and space; None without baselines), ``baseline_fid_mean``/``baseline_fid_std``, ``gain`` (baseline mean
     - model mean, FID units, positive = the model is better), ``diff_std`` (sqrt(s_model^2 + s_baseline^2)),
     ``beyond_2std`` (``|gain| > 2 diff_std``), ``verdict`` (``"better"``, ``"worse"``, ``"within noise"``, or
-    ``""`` without baseline) and ``warnings`` (the model's and the baseline's metric warnings).
+    ``""`` without baseline), ``warnings`` (the model's and the baseline's metric warnings) and
+    ``floor_fid_mean``/``floor_fid_std``/``floor_num_samples``: the FID of real training images scored under the
+    same protocol (``kind="real"`` rows of that space and reference, :func:`mmdsweep.train.protocol.
+    real_floor_rows`; NaN/0 without them): the level a sampler that drew exactly from the training data would
+    reach, below which no gain can be expected.
     """
     df = _frame(rows_or_df)
     if df.empty or "kind" not in df:
@@ -299,6 +306,7 @@ def final_comparison(
     def seeds_of(r: Any) -> dict[int, float]:
         return per_seed.get(tuple(r[c] for c in ident), {})
 
+    real = summary[summary["kind"] == "real"]
     out: list[dict[str, Any]] = []
     for space in spaces:
         best = best_baselines(summary, space)
@@ -331,7 +339,20 @@ def final_comparison(
                 "beyond_2std": False,
                 "verdict": "",
                 "warnings": str(m["warnings"]),
+                "floor_fid_mean": math.nan,
+                "floor_fid_std": math.nan,
+                "floor_num_samples": 0,
             }
+            floor = real[(real["space"] == space) & (real["reference"] == m["reference"])]
+            if len(floor):
+                # the floor drawn with the model's N when there is one (FID's bias depends on N)
+                same_n = floor[floor["num_samples"] == m["num_samples"]]
+                f = (same_n if len(same_n) else floor.sort_values("num_samples", ascending=False)).iloc[0]
+                row.update(
+                    floor_fid_mean=float(f["fid_mean"]),
+                    floor_fid_std=float(f["fid_std"]),
+                    floor_num_samples=int(f["num_samples"]),
+                )
             b = by_t.get(int(m["timesteps"]))
             if b is not None:
                 unpaired = gain_vs_best_baseline(

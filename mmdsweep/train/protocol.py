@@ -222,6 +222,60 @@ def baseline_rows(
     return rows
 
 
+REAL_FLOOR_CACHE_VERSION = "1"
+REAL_LABEL = "real"
+
+
+def real_floor_rows(
+    exp: Experiment,
+    evaluator: Any,
+    channels: int,
+    *,
+    cache_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """The metric's floor under the final protocol: real images of the training data scored as if they were
+    samples, one row per final seed x space (``kind="real"``, ``sampler="real"``, ``timesteps=0``).
+
+    For each seed s in ``eval.final_seeds``, ``min(N, len(bank))`` images (N = the evaluator's number of
+    samples) are drawn without replacement, seeded by s, from the ``bank`` role (the training split minus the
+    validation and carved held-out parts: never the final reference's images, unless ``eval.final_reference``
+    is ``train``) and scored against the same reference, in the same spaces, with the same preprocessing as a
+    chain's samples. A sampler that drew exactly from the training data would score this on average: FID of
+    finite samples is biased upwards (more for small N and high-dimensional features), so a model's final FID
+    cannot be expected below it. When the bank has fewer than N images the rows record the smaller
+    ``num_samples`` (then not comparable: FID's bias depends on N). Cached per (data, protocol) under
+    ``<cache>/baselines``.
+    """
+    import numpy as np
+    import torch
+
+    from mmdsweep.assets import components as comp
+    from mmdsweep.utils import atomic_write_text
+
+    ds, did = comp.role_dataset(exp, "bank", channels)
+    proto = _protocol_id(exp, evaluator)
+    key = hashlib.sha256(
+        json.dumps({"v": REAL_FLOOR_CACHE_VERSION, "data": did, "protocol": proto}, sort_keys=True).encode()
+    ).hexdigest()[:24]
+    path = (cache_dir or comp.cache_root(exp) / "baselines") / f"real-{key}.json"
+    if path.is_file():
+        return list(json.loads(path.read_text()))
+    n = min(int(evaluator.num_samples), len(ds))
+    results = []
+    for seed in exp.eval.final_seeds:
+        idx = np.random.default_rng([int(seed), 0x2EA1]).choice(len(ds), size=n, replace=False)
+        images = torch.stack([ds[int(i)][0] for i in sorted(idx)])
+        results.append(evaluator.evaluate_images(images, seed=int(seed), label=REAL_LABEL))
+    rows = [
+        {**r, "eta": None, "clip_sample": None, "final_clamp": None, "sec_per_image": None}  # no chain
+        for r in rows_from_results(
+            results, kind="real", model=f"{exp.data.dataset}:bank", protocol="final", trial_id=None
+        )
+    ]
+    atomic_write_text(path, json.dumps(rows))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
