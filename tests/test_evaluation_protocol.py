@@ -180,7 +180,9 @@ def test_real_floor_scores_bank_images_under_the_final_protocol(
     from mmdsweep.results.evaluation import final_comparison
 
     cfg = tiny_config(tiny_root)
-    cfg["eval"].update({"final_seeds": [7, 8, 9], "final_num_samples": 40, "kid_subset_size": 20})
+    cfg["eval"].update(
+        {"final_seeds": [7, 8, 9], "final_num_samples": 40, "kid_subset_size": 20, "batch_size": 16}
+    )
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
     exp = load_experiment(tmp_path / "t.yaml")
     evaluator = ev.build_final_evaluator(exp, 1, torch.device("cpu"))
@@ -192,9 +194,11 @@ def test_real_floor_scores_bank_images_under_the_final_protocol(
     seen: list[torch.Tensor] = []
     score = evaluator.evaluate_images
 
-    def spy(images: torch.Tensor, **kw: Any) -> Any:
-        seen.append(images)
-        return score(images, **kw)
+    def spy(images: Any, **kw: Any) -> Any:
+        batches = list(images)  # streamed batch by batch (eval.batch_size), never all N images at once
+        assert [len(b) for b in batches] == [16, 16, 8]
+        seen.append(torch.cat(batches))
+        return score(batches, **kw)
 
     monkeypatch.setattr(evaluator, "evaluate_images", spy)
     rows = ev.real_floor_rows(exp, evaluator, 1, cache_dir=tmp_path / "cache")
@@ -216,6 +220,8 @@ def test_real_floor_scores_bank_images_under_the_final_protocol(
     )
     assert ev.real_floor_rows(exp, evaluator, 1, cache_dir=tmp_path / "cache") == rows
 
+    with pytest.raises(ValueError, match="at least 2 images"):
+        score(bank_x[:1], seed=7)
     # N above the bank: the whole bank for every seed, equal to clean-fid on the same features
     big = exp.with_overrides({"eval.final_num_samples": len(bank) + 50})
     big_eval = ev.build_final_evaluator(big, 1, torch.device("cpu"))

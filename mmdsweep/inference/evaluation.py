@@ -18,7 +18,7 @@ samples for a full-rank covariance, numerical trouble) are never silenced: each 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -245,19 +245,31 @@ class Evaluator:
         )
 
     @torch.no_grad()
-    def evaluate_images(self, images: torch.Tensor, *, seed: int, label: str = "real") -> EvalResult:
-        """Score given images ``(N, C, H, W)`` in [-1, 1] (real ones: the data's own FID under this protocol)
-        in every space, with the same preprocessing and reference as a chain's samples.
+    def evaluate_images(
+        self, images: torch.Tensor | Iterable[torch.Tensor], *, seed: int, label: str = "real"
+    ) -> EvalResult:
+        """Score given images in [-1, 1] (real ones: the data's own FID under this protocol) in every space,
+        with the same preprocessing and reference as a chain's samples.
 
-        The result has ``sampler=label``, ``timesteps=0``, ``spacing=""`` and no chain; ``seed`` is recorded
-        (it seeds the KID subsets, as for samples). Raises ValueError for fewer than 2 images."""
-        if images.ndim != 4 or images.shape[0] < 2:
-            raise ValueError(f"evaluate_images: expected (N >= 2, C, H, W) images, got {tuple(images.shape)}")
+        ``images``: one ``(N, C, H, W)`` tensor (scored in chunks of ``batch_size``) or an iterable of
+        ``(n_i, C, H, W)`` batches (so N large images never sit in memory at once). The result has
+        ``sampler=label``, ``timesteps=0``, ``spacing=""`` and no chain; ``seed`` is recorded (it seeds the KID
+        subsets, as for samples). Raises ValueError for a batch that is not 4-d or fewer than 2 images."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise ValueError(f"evaluate_images: expected (N, C, H, W) images, got {tuple(images.shape)}")
+            images = images.split(self.batch_size)
         feats: dict[str, list[np.ndarray]] = {name: [] for name in self.spaces}
-        for start in range(0, images.shape[0], self.batch_size):
-            x = images[start : start + self.batch_size].to(self.device)
+        count = 0
+        for batch in images:
+            if batch.ndim != 4:
+                raise ValueError(f"evaluate_images: expected (n, C, H, W) batches, got {tuple(batch.shape)}")
+            x = batch.to(self.device)
+            count += int(x.shape[0])
             for name, space in self.spaces.items():
                 feats[name].append(space(x).double().cpu().numpy())
+        if count < 2:
+            raise ValueError(f"evaluate_images: need at least 2 images, got {count}")
         per_space: dict[str, dict[str, float]] = {}
         messages: list[str] = []
         for name, chunks in feats.items():
@@ -268,7 +280,7 @@ class Evaluator:
         return EvalResult(
             timesteps=0,
             sampler=label,
-            num_samples=int(images.shape[0]),
+            num_samples=count,
             fid=main["fid"],
             kid=main["kid"],
             per_space=per_space,

@@ -261,11 +261,15 @@ def real_floor_rows(
     if path.is_file():
         return list(json.loads(path.read_text()))
     n = min(int(evaluator.num_samples), len(ds))
+    step = max(1, int(evaluator.batch_size))
     results = []
     for seed in exp.eval.final_seeds:
-        idx = np.random.default_rng([int(seed), 0x2EA1]).choice(len(ds), size=n, replace=False)
-        images = torch.stack([ds[int(i)][0] for i in sorted(idx)])
-        results.append(evaluator.evaluate_images(images, seed=int(seed), label=REAL_LABEL))
+        idx = sorted(
+            int(i) for i in np.random.default_rng([int(seed), 0x2EA1]).choice(len(ds), size=n, replace=False)
+        )
+        # loaded batch by batch: N real images at full resolution (LSUN 256x256) would not fit in memory at once
+        batches = (torch.stack([ds[i][0] for i in idx[a : a + step]]) for a in range(0, n, step))
+        results.append(evaluator.evaluate_images(batches, seed=int(seed), label=REAL_LABEL))
     rows = [
         {**r, "eta": None, "clip_sample": None, "final_clamp": None, "sec_per_image": None}  # no chain
         for r in rows_from_results(
