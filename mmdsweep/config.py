@@ -884,7 +884,10 @@ def load_experiment(path: str | os.PathLike[str], overrides: Mapping[str, Any] |
     if overrides:
         for key, value in overrides.items():
             _set_raw(raw, key, value)
-    exp = from_dict(raw, source=str(p))
+    try:
+        exp = from_dict(raw, source=str(p))
+    except ConfigError as e:
+        raise _blame_override(e, str(p), overrides or {}) from e
     if len(exp.eval.final_seeds) < 3:
         print(
             f"{p}: eval.final_seeds: only {len(exp.eval.final_seeds)} seed(s); "
@@ -892,6 +895,20 @@ def load_experiment(path: str | os.PathLike[str], overrides: Mapping[str, Any] |
             file=sys.stderr,
         )
     return exp
+
+
+def _blame_override(err: ConfigError, source: str, overrides: Mapping[str, Any]) -> ConfigError:
+    """``err`` naming the ``--set`` override it comes from, when its key is one (``FILE (--set KEY): ...``):
+    the value was not in the file."""
+    text = str(err)
+    head = f"{source}: "
+    if not text.startswith(head):
+        return err
+    loc = text[len(head) :].split(": ", 1)[0]
+    for key in overrides:
+        if loc == key or loc.startswith((f"{key}.", f"{key}[")):
+            return ConfigError(f"{source} (--set {key}): {text[len(head) :]}")
+    return err
 
 
 def _set_raw(raw: dict[str, Any], key: str, value: Any) -> None:

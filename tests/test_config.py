@@ -132,6 +132,35 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert yaml.safe_load(out.read_text())["eval"]["num_samples"] == exp.eval.num_samples
 
 
+def test_set_override_errors_name_the_override(tmp_path: Path) -> None:
+    """A bad value or key given with --set is blamed on the override, not on the file; a bad value in the file
+    keeps the file's own message."""
+    from mmdsweep.config import load_experiment
+
+    path = tmp_path / "x.yaml"
+    path.write_text("finetune:\n  lr: -1.0\n")
+    with pytest.raises(ConfigError) as bad_value:
+        load_experiment(path, {"eval.real_floor": "maybe"})
+    assert str(bad_value.value).startswith(
+        f"{path}: finetune.lr: must be > 0"
+    )  # the file's error comes first
+    path.write_text("finetune:\n  lr: 1.0e-5\n")
+    with pytest.raises(ConfigError) as from_set:
+        load_experiment(path, {"eval.real_floor": "maybe"})
+    assert (
+        str(from_set.value)
+        == f"{path} (--set eval.real_floor): eval.real_floor: must be true or false, got 'maybe'"
+    )
+    with pytest.raises(
+        ConfigError, match=r"\(--set kernel\.bandwidths\): kernel\.bandwidths\[1\]: must be a finite"
+    ):
+        load_experiment(path, {"kernel.bandwidths": [1.0, float("nan")]})
+    with pytest.raises(
+        ConfigError, match=r"\(--set eval\.real_flor\): eval\.real_flor: unknown key; did you mean"
+    ):
+        load_experiment(path, {"eval.real_flor": False})
+
+
 def test_configuration_reference_is_current() -> None:
     from mmdsweep.config import reference_markdown
 
