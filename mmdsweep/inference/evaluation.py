@@ -205,8 +205,7 @@ class Evaluator:
 
         def consume(start: int, x: torch.Tensor) -> None:
             del start
-            for name, space in self.spaces.items():
-                feats[name].append(space(x.to(self.device)).double().cpu().numpy())
+            self._embed(x, feats)
 
         _, per_image = generate(
             eps_fn,
@@ -220,13 +219,7 @@ class Evaluator:
             dtype=dtype,
             on_batch=consume,
         )
-        per_space: dict[str, dict[str, float]] = {}
-        messages: list[str] = []
-        for name, chunks in feats.items():
-            f = np.concatenate(chunks)
-            scores, warns = self._score(f, self.references[name], seed)
-            per_space[name] = scores
-            messages += [f"{name}: {w}" for w in warns]
+        per_space, messages = self._score_spaces(feats, seed)
         main = per_space[self.primary]
         return EvalResult(
             timesteps=chain.timesteps,
@@ -264,18 +257,11 @@ class Evaluator:
         for batch in images:
             if batch.ndim != 4:
                 raise ValueError(f"evaluate_images: expected (n, C, H, W) batches, got {tuple(batch.shape)}")
-            x = batch.to(self.device)
-            count += int(x.shape[0])
-            for name, space in self.spaces.items():
-                feats[name].append(space(x).double().cpu().numpy())
+            count += int(batch.shape[0])
+            self._embed(batch, feats)
         if count < 2:
             raise ValueError(f"evaluate_images: need at least 2 images, got {count}")
-        per_space: dict[str, dict[str, float]] = {}
-        messages: list[str] = []
-        for name, chunks in feats.items():
-            scores, warns = self._score(np.concatenate(chunks), self.references[name], int(seed))
-            per_space[name] = scores
-            messages += [f"{name}: {w}" for w in warns]
+        per_space, messages = self._score_spaces(feats, int(seed))
         main = per_space[self.primary]
         return EvalResult(
             timesteps=0,
@@ -290,6 +276,24 @@ class Evaluator:
             preprocessing=self.preprocessing(),
             warnings=messages,
         )
+
+    def _embed(self, x: torch.Tensor, feats: dict[str, list[np.ndarray]]) -> None:
+        """Append the features of a batch ``x`` in every space to ``feats[space]``."""
+        x = x.to(self.device)
+        for name, space in self.spaces.items():
+            feats[name].append(space(x).double().cpu().numpy())
+
+    def _score_spaces(
+        self, feats: dict[str, list[np.ndarray]], seed: int
+    ) -> tuple[dict[str, dict[str, float]], list[str]]:
+        """FID/KID per space of the collected features, and the metric warnings prefixed by the space."""
+        per_space: dict[str, dict[str, float]] = {}
+        messages: list[str] = []
+        for name, chunks in feats.items():
+            scores, warns = self._score(np.concatenate(chunks), self.references[name], seed)
+            per_space[name] = scores
+            messages += [f"{name}: {w}" for w in warns]
+        return per_space, messages
 
     def _score(self, f: np.ndarray, ref: ReferenceStats, seed: int) -> tuple[dict[str, float], list[str]]:
         if not np.isfinite(f).all():

@@ -166,7 +166,6 @@ def baseline_rows(
     from mmdsweep.assets import components as comp
     from mmdsweep.core.sampling import ChainSpec
     from mmdsweep.inference.generate import prepare_model
-    from mmdsweep.utils import atomic_write_text
 
     cache = cache_dir or comp.cache_root(exp) / "baselines"
     den, _, _, _ = prepare_model(base_model_dir, evaluator.device)
@@ -191,26 +190,18 @@ def baseline_rows(
                     chain.timestep_grid(den.schedule.num_train_timesteps)
                 except ValueError:
                     continue  # e.g. a grid that cannot hold T distinct steps
-                key = hashlib.sha256(
-                    json.dumps(
-                        {
-                            "v": BASELINE_CACHE_VERSION,
-                            "model": mid,
-                            "protocol": proto,
-                            "chain": chain.to_dict(),
-                        },
-                        sort_keys=True,
-                    ).encode()
-                ).hexdigest()[:24]
-                path = cache / f"{key}.json"
+                path = _rows_cache_file(
+                    cache,
+                    {"v": BASELINE_CACHE_VERSION, "model": mid, "protocol": proto, "chain": chain.to_dict()},
+                )
                 if path.is_file():
-                    rows += json.loads(path.read_text())
+                    rows += _cached_rows(path)
                     continue
                 t0 = time.time()
                 new = final_rows_for_model(
                     exp, base_model_dir, evaluator, chain=chain, kind="baseline", label=base_model_dir
                 )
-                atomic_write_text(path, json.dumps(new))
+                _cache_rows(path, new)
                 rows += new
                 if show_progress:
                     fid = [r["fid"] for r in new if r["space"] == exp.features.eval]
@@ -250,16 +241,15 @@ def real_floor_rows(
     import torch
 
     from mmdsweep.assets import components as comp
-    from mmdsweep.utils import atomic_write_text
 
     ds, did = comp.role_dataset(exp, "bank", channels)
-    proto = _protocol_id(exp, evaluator)
-    key = hashlib.sha256(
-        json.dumps({"v": REAL_FLOOR_CACHE_VERSION, "data": did, "protocol": proto}, sort_keys=True).encode()
-    ).hexdigest()[:24]
-    path = (cache_dir or comp.cache_root(exp) / "baselines") / f"real-{key}.json"
+    path = _rows_cache_file(
+        cache_dir or comp.cache_root(exp) / "baselines",
+        {"v": REAL_FLOOR_CACHE_VERSION, "data": did, "protocol": _protocol_id(exp, evaluator)},
+        prefix="real-",
+    )
     if path.is_file():
-        return list(json.loads(path.read_text()))
+        return _cached_rows(path)
     n = min(int(evaluator.num_samples), len(ds))
     step = max(1, int(evaluator.batch_size))
     results = []
@@ -276,8 +266,25 @@ def real_floor_rows(
             results, kind="real", model=f"{exp.data.dataset}:bank", protocol="final", trial_id=None
         )
     ]
-    atomic_write_text(path, json.dumps(rows))
+    _cache_rows(path, rows)
     return rows
+
+
+def _rows_cache_file(cache: Path, payload: dict[str, Any], prefix: str = "") -> Path:
+    """``<cache>/<prefix><24 hex of sha256(payload as sorted JSON)>.json``: the cache file of final-protocol
+    rows identified by ``payload`` (what changes them: model or data, protocol, chain)."""
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return cache / f"{prefix}{key}.json"
+
+
+def _cached_rows(path: Path) -> list[dict[str, Any]]:
+    return list(json.loads(path.read_text()))
+
+
+def _cache_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    from mmdsweep.utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(rows))
 
 
 # --------------------------------------------------------------------------------------------- CLI
